@@ -1,0 +1,198 @@
+// pccl._core: the thin pybind11 layer over the C++ core. Every call that can block releases the
+// GIL and polls for signals every limits::kCallerPollInterval, so other Python threads run and
+// Ctrl-C interrupts it (raising KeyboardInterrupt after the core has cancelled what it started).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <variant>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <tuple>
+
+#include "client/communicator.hpp"
+#include "client/session.hpp"
+#include "common/limits.hpp"
+#include "master/master_node.hpp"
+#include "wire/messages.hpp"
+
+namespace py = pybind11;
+using namespace pccl;
+
+namespace {
+
+// Polled from a thread without the GIL: takes it briefly to run Python's signal handlers.
+struct SignalPoll {
+    bool raised = false;
+    bool operator()() {
+        py::gil_scoped_acquire gil;
+        if (PyErr_CheckSignals() != 0) {
+            raised = true;
+            return true;
+        }
+        return false;
+    }
+};
+
+std::tuple<int, std::string> as_tuple(const Status& s) { return {static_cast<int>(s.code), s.message}; }
+
+template <typename F>
+auto blocking(F&& call) {
+    SignalPoll poll;
+    client::InterruptCheck check = [&poll] { return poll(); };
+    auto result = [&] {
+        py::gil_scoped_release release;
+        return call(check);
+    }();
+    if (poll.raised) throw py::error_already_set();
+    return result;
+}
+
+class PyCommunicator {
+public:
+    PyCommunicator(std::string address, uint32_t group, size_t pool) : impl_(std::move(address), group, pool) {}
+
+    std::tuple<int, std::string> connect(int attempts) {
+        return as_tuple(blocking([&](auto& check) { return impl_.connect(attempts, check); }));
+    }
+    std::tuple<int, std::string> update_topology() {
+        return as_tuple(blocking([&](auto& check) { return impl_.update_topology(check); }));
+    }
+    std::tuple<int, std::string, bool> are_peers_pending() {
+        bool pending = false;
+        Status s = blocking([&](auto& check) { return impl_.are_peers_pending(pending, check); });
+        return {static_cast<int>(s.code), s.message, pending};
+    }
+    std::tuple<int, std::string, int64_t> get_attribute(int attribute) {
+        int64_t value = 0;
+        Status s = impl_.get_attribute(static_cast<Attribute>(attribute), value);
+        return {static_cast<int>(s.code), s.message, value};
+    }
+    std::shared_ptr<client::ReduceHandle> all_reduce_async(uintptr_t send, uintptr_t recv, uint64_t count, int dtype,
+                                                           int op, uint64_t tag, int quant_algorithm, int quant_dtype) {
+        client::ReduceRequest r;
+        r.send = reinterpret_cast<const void*>(send);
+        r.recv = reinterpret_cast<void*>(recv);
+        r.count = count;
+        r.dtype = static_cast<DataType>(dtype);
+        r.op = static_cast<ReduceOp>(op);
+        r.tag = tag;
+        r.quant_algorithm = static_cast<QuantizationAlgorithm>(quant_algorithm);
+        r.quant_dtype = static_cast<DataType>(quant_dtype);
+        py::gil_scoped_release release;  // an in-place op copies its input here
+        return impl_.all_reduce_async(r);
+    }
+    void close() {
+        py::gil_scoped_release release;
+        impl_.close();
+    }
+    uint64_t peer_id() const { return impl_.peer_id(); }
+    bool connected() const { return impl_.connected(); }
+
+private:
+    client::Communicator impl_;
+};
+
+std::tuple<int, std::string, uint32_t, uint64_t, uint64_t> wait_handle(client::ReduceHandle& h) {
+    bool interrupted = false;
+    client::ReduceOutcome out = blocking([&](auto& check) { return client::Communicator::wait(h, check, interrupted); });
+    return {static_cast<int>(out.status.code), out.status.message, out.info.world, out.info.tx_bytes, out.info.rx_bytes};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "pccl core (C++): master, communicator, ring all-reduce";
+
+    py::class_<master::MasterNode>(m, "MasterNode")
+        .def(py::init([](std::string address, int64_t timeout_ms) {
+                 return std::make_unique<master::MasterNode>(std::move(address), std::chrono::milliseconds(timeout_ms));
+             }),
+             py::arg("listen_address"), py::arg("peer_timeout_ms") = 0)
+        .def("run", [](master::MasterNode& self) { return as_tuple(self.run()); })
+        .def("interrupt", &master::MasterNode::interrupt, py::call_guard<py::gil_scoped_release>())
+        .def_property_readonly("port", &master::MasterNode::port)
+        .def_property_readonly("running", &master::MasterNode::running);
+
+    py::class_<client::ReduceHandle, std::shared_ptr<client::ReduceHandle>>(m, "ReduceHandle")
+        .def("wait", &wait_handle)
+        .def("done", [](const client::ReduceHandle& h) { return client::Communicator::done(h); });
+
+    py::class_<PyCommunicator>(m, "Communicator")
+        .def(py::init<std::string, uint32_t, size_t>(), py::arg("master_address"), py::arg("peer_group") = 0,
+             py::arg("pool_size") = 1)
+        .def("connect", &PyCommunicator::connect, py::arg("n_attempts"))
+        .def("update_topology", &PyCommunicator::update_topology)
+        .def("are_peers_pending", &PyCommunicator::are_peers_pending)
+        .def("get_attribute", &PyCommunicator::get_attribute, py::arg("attribute"))
+        .def("all_reduce_async", &PyCommunicator::all_reduce_async, py::arg("send_ptr"), py::arg("recv_ptr"),
+             py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("tag"), py::arg("quant_algorithm") = 0,
+             py::arg("quant_dtype") = 0)
+        .def("close", &PyCommunicator::close)
+        .def_property_readonly("peer_id", &PyCommunicator::peer_id)
+        .def_property_readonly("connected", &PyCommunicator::connected);
+
+    // Protocol codec, exposed for tests: encode a message given as a dict, decode frames.
+    auto codec = m.def_submodule("codec", "wire codec, for tests");
+    codec.attr("PROTOCOL_VERSION") = limits::kProtocolVersion;
+    codec.attr("MAX_PEER_TO_MASTER_FRAME") = limits::kMaxPeerToMasterFrameBytes;
+    codec.def("encode_op_begin", [](uint64_t tag, uint64_t count, int dtype, int op) {
+        std::vector<uint8_t> out;
+        wire::encode_frame(wire::OpBegin{tag, count, static_cast<uint8_t>(dtype), static_cast<uint8_t>(op), 0, 0}, out);
+        return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+    });
+    codec.def("encode_hello", [](uint32_t group, uint16_t port) {
+        std::vector<uint8_t> out;
+        wire::encode_frame(wire::Hello{group, port}, out);
+        return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+    });
+    codec.def("encode_topology", [](uint64_t epoch, std::vector<std::tuple<uint64_t, uint32_t, uint16_t>> peers) {
+        wire::Topology t;
+        t.epoch = epoch;
+        for (auto& [id, group, port] : peers) {
+            wire::PeerEntry e;
+            e.peer_id = id;
+            e.group = group;
+            e.ip.bytes[0] = 127;
+            e.ip.bytes[3] = 1;
+            e.p2p_port = port;
+            t.peers.push_back(e);
+        }
+        std::vector<uint8_t> out;
+        wire::encode_frame(t, out);
+        return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+    });
+    // Splits a byte string into frames and describes each: (type name, fields as a dict).
+    // Raises ValueError with the parser's message on the first malformed frame.
+    codec.def("decode", [](py::bytes data, uint32_t max_payload) {
+        std::string raw = data;
+        wire::FrameParser parser(max_payload);
+        auto space = parser.write_space(raw.size());
+        std::memcpy(space.data(), raw.data(), raw.size());
+        parser.commit(raw.size());
+        py::list frames;
+        while (auto msg = parser.next()) {
+            py::dict fields;
+            std::visit(
+                [&](auto& x) {
+                    using T = std::decay_t<decltype(x)>;
+                    if constexpr (std::is_same_v<T, wire::OpBegin>) {
+                        fields["tag"] = x.tag; fields["count"] = x.count; fields["dtype"] = x.dtype; fields["op"] = x.op;
+                    } else if constexpr (std::is_same_v<T, wire::Hello>) {
+                        fields["peer_group"] = x.peer_group; fields["p2p_port"] = x.p2p_port;
+                    } else if constexpr (std::is_same_v<T, wire::Topology>) {
+                        fields["epoch"] = x.epoch;
+                        py::list peers;
+                        for (auto& p : x.peers) peers.append(py::make_tuple(p.peer_id, p.group, p.p2p_port));
+                        fields["peers"] = peers;
+                    }
+                },
+                *msg);
+            frames.append(py::make_tuple(wire::type_name(wire::type_of(*msg)), fields));
+        }
+        if (parser.has_error()) throw py::value_error(parser.error());
+        return frames;
+    });
+}

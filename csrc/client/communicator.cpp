@@ -1,0 +1,132 @@
+#include "client/communicator.hpp"
+
+#include <cstring>
+
+#include "client/session.hpp"
+#include "common/limits.hpp"
+
+namespace pccl::client {
+
+Communicator::Communicator(std::string master_address, uint32_t peer_group, size_t pool_size)
+    : master_address_(std::move(master_address)), peer_group_(peer_group),
+      pool_size_(pool_size == 0 ? 1 : pool_size), scratch_(std::make_shared<ScratchPool>()) {}
+
+Communicator::~Communicator() { close(); }
+
+std::shared_ptr<Session> Communicator::current_session() const {
+    std::lock_guard lock(mutex_);
+    return session_;
+}
+
+Status Communicator::connect(int n_attempts, const InterruptCheck& interrupted) {
+    if (pool_size_ > limits::kMaxPoolSize)
+        return Status::error(Result::INVALID_ARGUMENT, "p2p_connection_pool_size may be at most " +
+                                                           std::to_string(limits::kMaxPoolSize));
+    std::shared_ptr<Session> session;
+    {
+        std::lock_guard lock(mutex_);
+        if (session_ && session_->alive())
+            return Status::error(Result::INVALID_USAGE, "already connected; close() first to connect again");
+        if (session_) session_->shutdown(/*say_goodbye=*/false);
+        session_ = std::make_shared<Session>(peer_group_, pool_size_, scratch_);
+        session = session_;
+    }
+    Status s = session->connect(master_address_, n_attempts, interrupted);
+    if (!s.is_ok()) session->shutdown(/*say_goodbye=*/true);
+    return s;
+}
+
+Status Communicator::update_topology(const InterruptCheck& interrupted) {
+    auto s = current_session();
+    if (!s) return Status::error(Result::NOT_INITIALIZED, "not connected: call connect() first");
+    return s->update_topology(interrupted);
+}
+
+Status Communicator::are_peers_pending(bool& pending, const InterruptCheck& interrupted) {
+    auto s = current_session();
+    if (!s) return Status::error(Result::NOT_INITIALIZED, "not connected: call connect() first");
+    return s->are_peers_pending(pending, interrupted);
+}
+
+Status Communicator::get_attribute(Attribute attribute, int64_t& value) const {
+    auto s = current_session();
+    if (!s) return Status::error(Result::NOT_INITIALIZED, "not connected: call connect() first");
+    const Attributes a = s->attributes();
+    if (!a.admitted) return Status::error(Result::NOT_INITIALIZED, "not connected to a run (never connected, closed or dropped)");
+    switch (attribute) {
+        case Attribute::GLOBAL_WORLD_SIZE: value = a.global_world; return Status::ok();
+        case Attribute::LOCAL_WORLD_SIZE: value = a.local_world; return Status::ok();
+        case Attribute::NUM_DISTINCT_PEER_GROUPS: value = a.groups; return Status::ok();
+        case Attribute::LARGEST_PEER_GROUP_WORLD_SIZE: value = a.largest_group; return Status::ok();
+    }
+    return Status::error(Result::INVALID_ARGUMENT, "unknown attribute");
+}
+
+std::shared_ptr<ReduceHandle> Communicator::all_reduce_async(const ReduceRequest& request) {
+    auto h = std::make_shared<ReduceHandle>();
+    h->request = request;
+    h->scratch = scratch_;
+    auto reject = [&](Result code, std::string why) {
+        h->outcome.complete({Status::error(code, std::move(why)), {}});
+        return h;
+    };
+    if (!is_valid(request.dtype) || !is_valid(request.op)) return reject(Result::INVALID_ARGUMENT, "unknown dtype or reduce op");
+    if (!is_valid(request.quant_algorithm)) return reject(Result::INVALID_ARGUMENT, "unknown quantization algorithm");
+    if (request.quant_algorithm != QuantizationAlgorithm::NONE)
+        return reject(Result::INVALID_ARGUMENT,
+                      "quantized all-reduce is not available in this build yet; pass quantization_options=None");
+    const size_t bytes = request.count * element_size(request.dtype);
+    if (bytes > 0 && (request.send == nullptr || request.recv == nullptr))
+        return reject(Result::INVALID_ARGUMENT, "null buffer with a non-zero count");
+    const auto* s = static_cast<const uint8_t*>(request.send);
+    const auto* r = static_cast<const uint8_t*>(request.recv);
+    h->in_place = bytes > 0 && s == r;
+    if (bytes > 0 && !h->in_place && s < r + bytes && r < s + bytes)
+        return reject(Result::INVALID_ARGUMENT, "send and recv buffers partially overlap; pass the same buffer for in-place");
+    auto session = current_session();
+    if (!session) return reject(Result::NOT_INITIALIZED, "not connected: call connect() first");
+    if (h->in_place) {
+        // The one extra copy: it lets a failed op put the caller's input back bit for bit.
+        h->backup = scratch_->take(bytes);
+        std::memcpy(h->backup.data.get(), request.send, bytes);
+    }
+    session->submit(h);
+    return h;
+}
+
+ReduceOutcome Communicator::wait(ReduceHandle& handle, const InterruptCheck& interrupted, bool& was_interrupted) {
+    was_interrupted = false;
+    while (!handle.outcome.wait_for(limits::kCallerPollInterval)) {
+        if (interrupted && interrupted()) {
+            was_interrupted = true;
+            if (auto session = handle.session.lock()) session->cancel(handle);
+            handle.outcome.wait_for(limits::kP2PHandshakeDeadline);
+            break;
+        }
+    }
+    if (!handle.outcome.done()) return {Status::error(Result::INTERNAL_ERROR, "cancellation did not complete"), {}};
+    return handle.outcome.get();
+}
+
+bool Communicator::done(const ReduceHandle& handle) { return handle.outcome.done(); }
+
+void Communicator::close() {
+    std::shared_ptr<Session> s;
+    {
+        std::lock_guard lock(mutex_);
+        s = std::move(session_);
+    }
+    if (s) s->shutdown(/*say_goodbye=*/true);
+}
+
+uint64_t Communicator::peer_id() const {
+    auto s = current_session();
+    return s ? s->peer_id() : 0;
+}
+
+bool Communicator::connected() const {
+    auto s = current_session();
+    return s && s->alive();
+}
+
+}  // namespace pccl::client

@@ -1,0 +1,618 @@
+#include "client/data_plane.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "common/limits.hpp"
+#include "common/log.hpp"
+
+namespace pccl::client {
+
+namespace {
+
+constexpr uint32_t kInEvents = EPOLLIN | EPOLLRDHUP;
+// One readiness event reads at most this much, so one busy connection cannot starve the others.
+constexpr size_t kReadBudgetBytes = 8 * 1024 * 1024;
+const uint8_t kZeros[limits::kDiscardBufferBytes] = {};
+
+void encode_handshake(wire::DataFrameKind kind, PeerId from, PeerId to, uint32_t index, uint8_t* out) {
+    wire::DataHeader h;
+    h.kind = static_cast<uint8_t>(kind);
+    h.a = from;
+    h.b = to;
+    h.aux = index;
+    wire::encode_data_header(h, out);
+}
+
+bool send_all_now(int fd, const uint8_t* data, size_t n) {
+    // Only for 32-byte handshakes on fresh sockets, whose buffers are empty.
+    while (n > 0) {
+        const ssize_t w = ::send(fd, data, n, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return false;
+        data += w;
+        n -= static_cast<size_t>(w);
+    }
+    return true;
+}
+
+}  // namespace
+
+class DataPlane::OpSink final : public ring::PieceSink {
+public:
+    OpSink(DataPlane& dp, uint64_t uid, PeerId next, ring::RingAllReduce* ring) : dp_(dp), uid_(uid), next_(next), ring_(ring) {}
+    void send_piece(wire::RingPhase phase, uint64_t offset, uint64_t count, const uint8_t* data) override {
+        ring_->on_piece_queued();
+        dp_.enqueue(next_, uid_, phase, offset, count, data);
+    }
+
+private:
+    DataPlane& dp_;
+    uint64_t uid_;
+    PeerId next_;
+    ring::RingAllReduce* ring_;
+};
+
+DataPlane::DataPlane(net::EventLoop& loop, DataPlaneEvents& events, size_t pool_size)
+    : loop_(loop), events_(events), pool_size_(std::clamp<size_t>(pool_size, 1, limits::kMaxPoolSize)),
+      discard_(limits::kDiscardBufferBytes) {}
+
+DataPlane::~DataPlane() { close_all(); }
+
+Status DataPlane::listen(int family, uint16_t& port_out) {
+    net::Endpoint any;
+    if (family == AF_INET6) {
+        auto& sin6 = reinterpret_cast<sockaddr_in6&>(any.storage);
+        sin6.sin6_family = AF_INET6;
+        sin6.sin6_addr = in6addr_any;
+        any.length = sizeof(sockaddr_in6);
+    } else {
+        auto& sin = reinterpret_cast<sockaddr_in&>(any.storage);
+        sin.sin_family = AF_INET;
+        sin.sin_addr.s_addr = htonl(INADDR_ANY);
+        any.length = sizeof(sockaddr_in);
+    }
+    if (auto s = net::listen_on(any, 1024, listener_); !s.is_ok()) return s;
+    net::tune_data_socket(listener_.get());  // accepted sockets inherit the buffer sizes
+    port_out = net::local_endpoint(listener_.get())->port();
+    listener_watch_ = loop_.watch(listener_.get(), EPOLLIN, [this](uint32_t) { on_accept(); });
+    return Status::ok();
+}
+
+void DataPlane::set_directory(std::map<PeerId, net::Endpoint> directory) {
+    std::vector<PeerId> gone;
+    for (const auto& [peer, ep] : directory_)
+        if (!directory.contains(peer)) gone.push_back(peer);
+    directory_ = std::move(directory);
+    for (PeerId peer : gone) {
+        fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST, "peer " + std::to_string(peer) + " left the run"));
+        std::vector<uint64_t> ins;
+        for (const auto& [id, c] : in_)
+            if (c->peer == peer) ins.push_back(id);
+        for (uint64_t id : ins) close_in(id, "peer left the run");
+    }
+}
+
+// ------------------------------------------------------------------ outgoing pools
+
+void DataPlane::ensure_pool(PeerId peer, std::function<void(Status)> done) {
+    if (auto it = pools_.find(peer); it != pools_.end()) {
+        if (it->second.ready == it->second.conns.size()) {
+            if (done) done(Status::ok());
+        } else if (done) {
+            it->second.waiters.push_back(std::move(done));
+        }
+        return;
+    }
+    auto dir = directory_.find(peer);
+    if (dir == directory_.end()) {
+        if (done) done(Status::error(Result::RANK_CONNECTION_FAILED, "peer " + std::to_string(peer) + " is not in the ring"));
+        return;
+    }
+    Pool& pool = pools_[peer];
+    if (done) pool.waiters.push_back(std::move(done));
+    for (uint32_t i = 0; i < pool_size_; ++i) {
+        auto c = std::make_unique<OutConn>();
+        c->id = next_conn_id_++;
+        c->peer = peer;
+        c->index = i;
+        c->started = Clock::now();
+        bool in_progress = false;
+        // Buffer sizes must be set before connect() for the window scale to take them into account.
+        Status s = net::start_connect(dir->second, c->fd, in_progress);
+        if (s.is_ok()) net::tune_data_socket(c->fd.get());
+        if (!s.is_ok()) {
+            const Status why = Status::error(Result::RANK_CONNECTION_FAILED,
+                                             "cannot connect to peer " + std::to_string(peer) + " at " +
+                                                 dir->second.to_string() + ": " + s.message);
+            loop_.post([this, peer, why] { fail_pool(peer, why); });
+            return;
+        }
+        const uint64_t id = c->id;
+        c->watch = loop_.watch(c->fd.get(), EPOLLOUT | kInEvents, [this, id](uint32_t ev) { on_out_io(id, ev); });
+        pool.conns.push_back(id);
+        OutConn& ref = *c;
+        out_.emplace(id, std::move(c));
+        if (!in_progress) out_connected(ref);
+    }
+}
+
+void DataPlane::out_connected(OutConn& c) {
+    uint8_t hello[wire::kDataHeaderBytes];
+    encode_handshake(wire::DataFrameKind::P2P_HELLO, me_, c.peer, c.index, hello);
+    if (!send_all_now(c.fd.get(), hello, sizeof(hello))) {
+        const PeerId peer = c.peer;
+        loop_.post([this, peer] {
+            fail_pool(peer, Status::error(Result::RANK_CONNECTION_FAILED, "handshake with peer " + std::to_string(peer) + " failed"));
+        });
+        return;
+    }
+    c.state = OutState::AWAIT_ACK;
+    c.want_write = false;
+    loop_.modify(c.watch, kInEvents);
+}
+
+bool DataPlane::out_read_ack(OutConn& c) {
+    while (c.ack_got < sizeof(c.ack)) {
+        const ssize_t n = ::recv(c.fd.get(), c.ack + c.ack_got, sizeof(c.ack) - c.ack_got, 0);
+        if (n > 0) { c.ack_got += static_cast<size_t>(n); continue; }
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
+        if (n < 0 && errno == EINTR) continue;
+        return false;
+    }
+    const wire::DataHeader h = wire::decode_data_header(c.ack);
+    return wire::header_is_sane(h) && h.kind == static_cast<uint8_t>(wire::DataFrameKind::P2P_HELLO_ACK) &&
+           h.a == me_ && h.b == c.peer;
+}
+
+void DataPlane::on_out_io(uint64_t id, uint32_t events) {
+    auto it = out_.find(id);
+    if (it == out_.end()) return;
+    OutConn& c = *it->second;
+    const PeerId peer = c.peer;
+    if (c.state == OutState::CONNECTING) {
+        if (Status s = net::finish_connect(c.fd.get()); !s.is_ok()) {
+            return fail_pool(peer, Status::error(Result::RANK_CONNECTION_FAILED,
+                                                 "cannot connect to peer " + std::to_string(peer) + ": " + s.message));
+        }
+        out_connected(c);
+        return;
+    }
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+        if (c.state == OutState::AWAIT_ACK) {
+            if (!out_read_ack(c))
+                return fail_pool(peer, Status::error(Result::RANK_CONNECTION_FAILED,
+                                                     "peer " + std::to_string(peer) + " refused the data connection"));
+            if (c.ack_got == sizeof(c.ack)) {
+                c.state = OutState::READY;
+                ++pools_[peer].ready;
+                if (!flush(c))
+                    return fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST,
+                                                         "connection to peer " + std::to_string(peer) + " lost"));
+                arm_out(c);
+                pool_ready_changed(peer);
+                return;
+            }
+        } else {
+            // Nothing is ever sent back on a data connection after the ack: this is EOF or an error.
+            uint8_t probe;
+            const ssize_t n = ::recv(c.fd.get(), &probe, 1, 0);
+            if (!(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)))
+                return fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST,
+                                                     "connection to next peer " + std::to_string(peer) + " lost"));
+        }
+    }
+    if ((events & EPOLLOUT) && c.state == OutState::READY) {
+        if (!flush(c))
+            return fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST,
+                                                 "connection to next peer " + std::to_string(peer) + " lost"));
+        arm_out(c);
+    }
+}
+
+void DataPlane::pool_ready_changed(PeerId peer) {
+    auto it = pools_.find(peer);
+    if (it == pools_.end() || it->second.ready != it->second.conns.size()) return;
+    auto waiters = std::move(it->second.waiters);
+    it->second.waiters.clear();
+    for (auto& w : waiters) w(Status::ok());
+}
+
+void DataPlane::fail_pool(PeerId peer, const Status& why) {
+    auto it = pools_.find(peer);
+    if (it == pools_.end()) return;
+    Pool pool = std::move(it->second);
+    pools_.erase(it);
+    PCCL_LOG(INFO, "peer ", me_, ": closing data connections to peer ", peer, ": ", why.message);
+    for (uint64_t id : pool.conns) {
+        auto c = out_.find(id);
+        if (c == out_.end()) continue;
+        loop_.unwatch(c->second->watch);
+        out_.erase(c);
+    }
+    for (auto& w : pool.waiters) w(why);
+    std::vector<uint64_t> affected;
+    for (const auto& [uid, op] : ops_)
+        if (op.next == peer) affected.push_back(uid);
+    for (uint64_t uid : affected) fail_op(uid, why, peer);
+}
+
+void DataPlane::arm_out(OutConn& c) {
+    const bool want = !c.queue.empty();
+    if (want == c.want_write) return;
+    c.want_write = want;
+    loop_.modify(c.watch, kInEvents | (want ? EPOLLOUT : 0u));
+}
+
+void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64_t offset, uint64_t count,
+                        const uint8_t* data) {
+    auto pit = pools_.find(next);
+    auto op = ops_.find(uid);
+    if (pit == pools_.end() || pit->second.conns.empty()) {
+        // The pool died under this op; the failure is already on its way to the op.
+        if (op != ops_.end()) op->second.ring->on_piece_sent();
+        return;
+    }
+    OutConn* best = nullptr;
+    for (uint64_t id : pit->second.conns) {
+        OutConn* c = out_.at(id).get();
+        if (!best || c->queued_bytes < best->queued_bytes) best = c;
+    }
+    SendItem item;
+    wire::DataHeader h;
+    h.kind = static_cast<uint8_t>(wire::DataFrameKind::DATA);
+    h.phase = static_cast<uint8_t>(phase);
+    h.length = static_cast<uint32_t>(count * op->second.ring->element_bytes());
+    h.a = uid;
+    h.b = offset;
+    wire::encode_data_header(h, item.header);
+    item.data = data;
+    item.length = h.length;
+    item.uid = uid;
+    best->queue.push_back(item);
+    best->queued_bytes += wire::kDataHeaderBytes + item.length;
+    if (best->state == OutState::READY) {
+        if (!flush(*best)) {
+            // Never fail from inside the ring's callback chain: do it from a clean stack.
+            loop_.post([this, next] {
+                fail_pool(next, Status::error(Result::RANK_CONNECTION_LOST, "connection to next peer " + std::to_string(next) + " lost"));
+            });
+            return;
+        }
+        arm_out(*best);
+    }
+}
+
+bool DataPlane::flush(OutConn& c) {
+    iovec iov[limits::kMaxSendBatchIov * 2];
+    while (!c.queue.empty()) {
+        size_t n_iov = 0;
+        for (const SendItem& item : c.queue) {
+            if (n_iov + 2 > std::size(iov)) break;
+            if (item.sent < wire::kDataHeaderBytes) {
+                iov[n_iov++] = {const_cast<uint8_t*>(item.header) + item.sent, wire::kDataHeaderBytes - item.sent};
+            }
+            const uint32_t payload_sent = item.sent > wire::kDataHeaderBytes ? item.sent - wire::kDataHeaderBytes : 0;
+            const uint32_t left = item.length - payload_sent;
+            if (left == 0) continue;
+            if (item.data) {
+                iov[n_iov++] = {const_cast<uint8_t*>(item.data) + payload_sent, left};
+            } else {
+                iov[n_iov++] = {const_cast<uint8_t*>(kZeros), std::min<size_t>(left, sizeof(kZeros))};
+                break;  // the zero source is short: nothing after it may follow in this batch
+            }
+        }
+        msghdr msg{};
+        msg.msg_iov = iov;
+        msg.msg_iovlen = n_iov;
+        ssize_t w = ::sendmsg(c.fd.get(), &msg, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return true;
+            if (errno == EINTR) continue;
+            return false;
+        }
+        const auto now = Clock::now();
+        while (w > 0 && !c.queue.empty()) {
+            SendItem& item = c.queue.front();
+            const uint32_t total = wire::kDataHeaderBytes + item.length;
+            const uint32_t take = static_cast<uint32_t>(std::min<size_t>(static_cast<size_t>(w), total - item.sent));
+            item.sent += take;
+            w -= take;
+            if (item.sent < total) break;
+            const uint64_t uid = item.uid;
+            const bool real = item.data != nullptr || item.length == 0;
+            c.queued_bytes -= total;
+            c.queue.pop_front();
+            if (!real) continue;
+            auto op = ops_.find(uid);
+            if (op == ops_.end()) continue;
+            op->second.ring->on_piece_sent();
+            op->second.stats.tx_bytes += total;
+            op->second.last_progress = now;
+            maybe_complete(uid);
+        }
+    }
+    return true;
+}
+
+// ------------------------------------------------------------------ incoming connections
+
+void DataPlane::on_accept() {
+    for (;;) {
+        const int fd = ::accept4(listener_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            return;
+        }
+        net::Fd owned(fd);
+        if (in_.size() >= limits::kMaxIncomingP2PConnections) {
+            PCCL_LOG(WARN, "peer ", me_, ": refusing a data connection: already ", in_.size(), " open");
+            continue;
+        }
+        net::tune_control_socket(fd);
+        auto c = std::make_unique<InConn>();
+        c->id = next_conn_id_++;
+        c->fd = std::move(owned);
+        c->accepted = Clock::now();
+        const uint64_t id = c->id;
+        c->watch = loop_.watch(fd, kInEvents, [this, id](uint32_t ev) { on_in_io(id, ev); });
+        in_.emplace(id, std::move(c));
+    }
+}
+
+void DataPlane::close_in(uint64_t id, const std::string& why) {
+    auto it = in_.find(id);
+    if (it == in_.end()) return;
+    const PeerId peer = it->second->peer;
+    loop_.unwatch(it->second->watch);
+    parked_.erase(id);
+    in_.erase(it);
+    if (peer == 0) return;
+    PCCL_LOG(INFO, "peer ", me_, ": data connection from peer ", peer, " closed: ", why);
+    std::vector<uint64_t> affected;
+    for (const auto& [uid, op] : ops_)
+        if (op.prev == peer) affected.push_back(uid);
+    for (uint64_t uid : affected)
+        fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "connection from previous peer " + std::to_string(peer) + " lost: " + why), peer);
+}
+
+bool DataPlane::route_header(InConn& c) {
+    const uint64_t uid = c.h.a;
+    auto it = ops_.find(uid);
+    if (it != ops_.end()) {
+        if (it->second.prev != c.peer) {
+            fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "data for this op came from a peer that is not its previous peer"), c.peer);
+            close_in(c.id, "data from the wrong peer");
+            return false;
+        }
+        std::string error;
+        uint8_t* dest = it->second.ring->accept_piece(static_cast<wire::RingPhase>(c.h.phase), c.h.b, c.h.length, error);
+        if (!dest) {
+            const PeerId peer = c.peer;
+            close_in(c.id, "malformed piece: " + error);  // fails the op too: it came from prev
+            (void)peer;
+            return false;
+        }
+        c.dest = dest;
+        c.remaining = c.h.length;
+        c.state = InState::PAYLOAD;
+        return true;
+    }
+    if (uid > max_go_uid_) {
+        c.state = InState::PARKED;
+        parked_.insert(c.id);
+        loop_.modify(c.watch, 0);
+        return true;
+    }
+    c.state = InState::DISCARD;
+    c.remaining = c.h.length;
+    return true;
+}
+
+void DataPlane::finish_piece(InConn& c) {
+    const uint64_t uid = c.h.a;
+    c.state = InState::HEADER;
+    c.header_got = 0;
+    auto it = ops_.find(uid);
+    if (it == ops_.end()) return;
+    ActiveOp& op = it->second;
+    op.stats.rx_bytes += wire::kDataHeaderBytes + c.h.length;
+    op.last_progress = Clock::now();
+    OpSink sink(*this, uid, op.next, op.ring);
+    op.ring->on_piece_received(sink, static_cast<wire::RingPhase>(c.h.phase), c.h.b, c.h.length);
+    maybe_complete(uid);
+}
+
+void DataPlane::on_in_io(uint64_t id, uint32_t events) {
+    auto it = in_.find(id);
+    if (it == in_.end()) return;
+    InConn& c = *it->second;
+    if (c.state == InState::PARKED) {
+        if (events & (EPOLLHUP | EPOLLERR)) close_in(id, "connection reset while parked");
+        return;
+    }
+    size_t budget = kReadBudgetBytes;
+    while (budget > 0) {
+        ssize_t n = 0;
+        switch (c.state) {
+            case InState::HELLO:
+            case InState::HEADER:
+                n = ::recv(c.fd.get(), c.header + c.header_got, sizeof(c.header) - c.header_got, 0);
+                break;
+            case InState::PAYLOAD:
+                n = ::recv(c.fd.get(), c.dest, std::min<uint64_t>(c.remaining, budget), 0);
+                break;
+            case InState::DISCARD:
+                n = ::recv(c.fd.get(), discard_.data(), std::min<uint64_t>(c.remaining, discard_.size()), 0);
+                break;
+            case InState::PARKED:
+                return;
+        }
+        if (n == 0) return close_in(id, "closed by the other side");
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+            if (errno == EINTR) continue;
+            return close_in(id, net::errno_text(errno));
+        }
+        budget -= std::min<size_t>(budget, static_cast<size_t>(n));
+        switch (c.state) {
+            case InState::HELLO:
+            case InState::HEADER: {
+                c.header_got += static_cast<size_t>(n);
+                if (c.header_got < sizeof(c.header)) break;
+                c.h = wire::decode_data_header(c.header);
+                if (!wire::header_is_sane(c.h)) return close_in(id, "malformed data frame header");
+                if (c.state == InState::HELLO) {
+                    if (c.h.kind != static_cast<uint8_t>(wire::DataFrameKind::P2P_HELLO) || c.h.b != me_ || c.h.a == 0)
+                        return close_in(id, "bad handshake");
+                    c.peer = c.h.a;
+                    uint8_t ack[wire::kDataHeaderBytes];
+                    encode_handshake(wire::DataFrameKind::P2P_HELLO_ACK, c.h.a, me_, c.h.aux, ack);
+                    if (!send_all_now(c.fd.get(), ack, sizeof(ack))) return close_in(id, "cannot acknowledge handshake");
+                    c.state = InState::HEADER;
+                    c.header_got = 0;
+                    break;
+                }
+                if (c.h.kind != static_cast<uint8_t>(wire::DataFrameKind::DATA)) return close_in(id, "unexpected frame kind");
+                if (!route_header(c)) return;  // connection closed
+                if (c.state == InState::PARKED) return;
+                break;
+            }
+            case InState::PAYLOAD:
+                c.dest += n;
+                c.remaining -= static_cast<uint64_t>(n);
+                if (c.remaining == 0) {
+                    finish_piece(c);
+                    if (!in_.contains(id)) return;
+                }
+                break;
+            case InState::DISCARD:
+                c.remaining -= static_cast<uint64_t>(n);
+                if (c.remaining == 0) {
+                    c.state = InState::HEADER;
+                    c.header_got = 0;
+                }
+                break;
+            case InState::PARKED:
+                return;
+        }
+    }
+}
+
+void DataPlane::unpark_all() {
+    std::vector<uint64_t> ready;
+    for (uint64_t id : parked_) {
+        auto it = in_.find(id);
+        if (it != in_.end() && it->second->h.a <= max_go_uid_) ready.push_back(id);
+    }
+    for (uint64_t id : ready) {
+        parked_.erase(id);
+        auto it = in_.find(id);
+        if (it == in_.end()) continue;
+        InConn& c = *it->second;
+        loop_.modify(c.watch, kInEvents);
+        if (!route_header(c)) continue;
+    }
+}
+
+void DataPlane::note_go(uint64_t uid) {
+    if (uid <= max_go_uid_) return;
+    max_go_uid_ = uid;
+    unpark_all();
+}
+
+// ------------------------------------------------------------------ operations
+
+void DataPlane::start_op(uint64_t uid, ring::RingAllReduce* ring, PeerId prev, PeerId next) {
+    ActiveOp op;
+    op.ring = ring;
+    op.prev = prev;
+    op.next = next;
+    op.last_progress = Clock::now();
+    ops_[uid] = op;
+    ensure_pool(next, nullptr);
+    OpSink sink(*this, uid, next, ring);
+    ring->start(sink);
+    note_go(uid);
+    maybe_complete(uid);
+}
+
+void DataPlane::maybe_complete(uint64_t uid) {
+    auto it = ops_.find(uid);
+    if (it == ops_.end() || !it->second.ring->complete()) return;
+    events_.on_op_complete(uid);
+}
+
+DataPlane::OpStats DataPlane::remove_op(uint64_t uid) {
+    OpStats stats;
+    auto it = ops_.find(uid);
+    if (it == ops_.end()) return stats;
+    stats = it->second.stats;
+    ops_.erase(it);
+    for (auto& [id, c] : out_) {
+        auto& q = c->queue;
+        for (auto item = q.begin(); item != q.end();) {
+            if (item->uid != uid) { ++item; continue; }
+            if (item->sent > 0) {  // the receiver expects the rest of this frame: finish it with zeros
+                item->data = nullptr;
+                ++item;
+                continue;
+            }
+            c->queued_bytes -= wire::kDataHeaderBytes + item->length;
+            item = q.erase(item);
+        }
+    }
+    for (auto& [id, c] : in_)
+        if (c->state == InState::PAYLOAD && c->h.a == uid) c->state = InState::DISCARD;
+    return stats;
+}
+
+void DataPlane::fail_op(uint64_t uid, const Status& why, PeerId suspect) {
+    if (!ops_.contains(uid)) return;
+    events_.on_op_failed(uid, why, suspect);
+    remove_op(uid);  // in case the owner did not
+}
+
+void DataPlane::check_deadlines(Clock::time_point now, std::chrono::milliseconds timeout) {
+    std::vector<std::pair<uint64_t, PeerId>> stalled;
+    for (const auto& [uid, op] : ops_)
+        if (now - op.last_progress > timeout) stalled.emplace_back(uid, op.prev);
+    for (auto [uid, prev] : stalled)
+        fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "no progress for " + std::to_string(timeout.count()) +
+                                                                     " ms (previous peer " + std::to_string(prev) + ")"),
+                prev);
+
+    std::vector<PeerId> slow_pools;
+    for (const auto& [id, c] : out_)
+        if (c->state != OutState::READY && now - c->started > limits::kP2PHandshakeDeadline) slow_pools.push_back(c->peer);
+    for (PeerId peer : slow_pools)
+        fail_pool(peer, Status::error(Result::RANK_CONNECTION_FAILED, "handshake with peer " + std::to_string(peer) + " timed out"));
+
+    std::vector<uint64_t> slow_in;
+    for (const auto& [id, c] : in_)
+        if (c->state == InState::HELLO && now - c->accepted > limits::kP2PHandshakeDeadline) slow_in.push_back(id);
+    for (uint64_t id : slow_in) close_in(id, "no handshake in time");
+}
+
+void DataPlane::close_all() {
+    for (auto& [id, c] : out_) loop_.unwatch(c->watch);
+    for (auto& [id, c] : in_) loop_.unwatch(c->watch);
+    out_.clear();
+    in_.clear();
+    pools_.clear();
+    parked_.clear();
+    ops_.clear();
+    if (listener_.valid()) {
+        loop_.unwatch(listener_watch_);
+        listener_.reset();
+    }
+}
+
+}  // namespace pccl::client

@@ -1,0 +1,157 @@
+// The peer-to-peer transport of one communicator, run on its reactor thread: the listening socket,
+// K outgoing connections per ring neighbour (a pool), incoming connections, and the routing of data
+// frames to running operations by op uid. Pieces are striped over the pool (least queued bytes),
+// written straight from the caller's memory with sendmsg, and read straight into the destination.
+//
+// A frame for an op this peer has not been told about yet (uid above the last OP_GO) parks its
+// connection: TCP back-pressure holds the sender until the OP_GO arrives. A frame for an op that is
+// over (or cancelled) is read into a discard buffer.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "common/status.hpp"
+#include "net/address.hpp"
+#include "net/event_loop.hpp"
+#include "ring/ring_allreduce.hpp"
+#include "wire/data_frame.hpp"
+
+namespace pccl::client {
+
+using PeerId = uint64_t;
+using Clock = std::chrono::steady_clock;
+
+class DataPlaneEvents {
+public:
+    virtual ~DataPlaneEvents() = default;
+    // The op can no longer finish on this ring; the data plane has already stopped touching its buffers.
+    virtual void on_op_failed(uint64_t uid, const Status& why, PeerId suspect) = 0;
+    // All pieces received and all sends written: the op is locally complete.
+    virtual void on_op_complete(uint64_t uid) = 0;
+};
+
+class DataPlane {
+public:
+    DataPlane(net::EventLoop& loop, DataPlaneEvents& events, size_t pool_size);
+    ~DataPlane();
+
+    Status listen(int family, uint16_t& port_out);
+    void set_identity(PeerId me) { me_ = me; }
+    // Peers absent from the directory lose their connections; their ops fail.
+    void set_directory(std::map<PeerId, net::Endpoint> directory);
+
+    // Opens (or reuses) the pool to `peer`; `done` runs once all K connections are handshaken, or
+    // with an error once any fails.
+    void ensure_pool(PeerId peer, std::function<void(Status)> done);
+
+    struct OpStats {
+        uint64_t tx_bytes = 0;
+        uint64_t rx_bytes = 0;
+    };
+    // Starts an op whose OP_GO just arrived. The ring object must outlive remove_op().
+    void start_op(uint64_t uid, ring::RingAllReduce* ring, PeerId prev, PeerId next);
+    // Stops touching the op's buffers at once (queued sends dropped, a half-sent piece completed
+    // with zeros, a half-read payload drained). Returns the op's byte counts.
+    OpStats remove_op(uint64_t uid);
+    // Every OP_GO's uid, also for ops cancelled before it came: frames up to it stop parking.
+    void note_go(uint64_t uid);
+
+    // Fails ops without progress for `timeout`, closes handshakes that take too long.
+    void check_deadlines(Clock::time_point now, std::chrono::milliseconds timeout);
+    void close_all();
+
+private:
+    struct SendItem {
+        uint8_t header[wire::kDataHeaderBytes];
+        const uint8_t* data = nullptr;  // nullptr: send zeros (the op was cancelled mid-piece)
+        uint32_t length = 0;
+        uint32_t sent = 0;              // of header + payload
+        uint64_t uid = 0;
+    };
+    enum class OutState { CONNECTING, AWAIT_ACK, READY };
+    struct OutConn {
+        uint64_t id = 0;
+        net::Fd fd;
+        uint64_t watch = 0;
+        PeerId peer = 0;
+        uint32_t index = 0;
+        OutState state = OutState::CONNECTING;
+        std::deque<SendItem> queue;
+        size_t queued_bytes = 0;
+        uint8_t ack[wire::kDataHeaderBytes];
+        size_t ack_got = 0;
+        bool want_write = false;
+        Clock::time_point started;
+    };
+    struct Pool {
+        std::vector<uint64_t> conns;
+        size_t ready = 0;
+        std::vector<std::function<void(Status)>> waiters;
+    };
+    enum class InState { HELLO, HEADER, PAYLOAD, DISCARD, PARKED };
+    struct InConn {
+        uint64_t id = 0;
+        net::Fd fd;
+        uint64_t watch = 0;
+        PeerId peer = 0;
+        InState state = InState::HELLO;
+        uint8_t header[wire::kDataHeaderBytes];
+        size_t header_got = 0;
+        wire::DataHeader h;
+        uint8_t* dest = nullptr;
+        uint64_t remaining = 0;
+        Clock::time_point accepted;
+    };
+    struct ActiveOp {
+        ring::RingAllReduce* ring = nullptr;
+        PeerId prev = 0;
+        PeerId next = 0;
+        OpStats stats;
+        Clock::time_point last_progress;
+    };
+    class OpSink;
+
+    void on_accept();
+    void on_out_io(uint64_t id, uint32_t events);
+    void on_in_io(uint64_t id, uint32_t events);
+    void out_connected(OutConn& c);
+    bool out_read_ack(OutConn& c);
+    bool flush(OutConn& c);
+    void arm_out(OutConn& c);
+    void enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64_t offset, uint64_t count, const uint8_t* data);
+    void pool_ready_changed(PeerId peer);
+    void fail_pool(PeerId peer, const Status& why);
+    void close_in(uint64_t id, const std::string& why);
+    bool route_header(InConn& c);
+    void finish_piece(InConn& c);
+    void fail_op(uint64_t uid, const Status& why, PeerId suspect);
+    void maybe_complete(uint64_t uid);
+    void unpark_all();
+
+    net::EventLoop& loop_;
+    DataPlaneEvents& events_;
+    size_t pool_size_;
+    PeerId me_ = 0;
+    net::Fd listener_;
+    uint64_t listener_watch_ = 0;
+    std::map<PeerId, net::Endpoint> directory_;
+    std::unordered_map<uint64_t, std::unique_ptr<OutConn>> out_;
+    std::unordered_map<uint64_t, std::unique_ptr<InConn>> in_;
+    std::unordered_map<PeerId, Pool> pools_;
+    std::unordered_map<uint64_t, ActiveOp> ops_;
+    std::set<uint64_t> parked_;
+    uint64_t max_go_uid_ = 0;
+    uint64_t next_conn_id_ = 1;
+    std::vector<uint8_t> discard_;
+};
+
+}  // namespace pccl::client

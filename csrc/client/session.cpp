@@ -1,0 +1,458 @@
+#include "client/session.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <set>
+
+#include <sys/epoll.h>
+
+#include "common/limits.hpp"
+#include "common/log.hpp"
+#include "net/address.hpp"
+
+namespace pccl::client {
+
+namespace {
+
+template <class... Ts>
+struct Overloaded : Ts... { using Ts::operator()...; };
+
+constexpr std::chrono::milliseconds kMasterConnectTimeout{2000};
+constexpr std::chrono::milliseconds kCancelAckTimeout{5000};
+
+Status interrupted_status() { return Status::error(Result::INVALID_USAGE, "interrupted"); }
+
+}  // namespace
+
+Session::Session(uint32_t peer_group, size_t pool_size, std::shared_ptr<ScratchPool> scratch)
+    : peer_group_(peer_group), pool_size_(pool_size), scratch_(std::move(scratch)), data_plane_(loop_, *this, pool_size) {}
+
+Session::~Session() { shutdown(/*say_goodbye=*/true); }
+
+bool Session::post(net::EventLoop::Task task) {
+    std::lock_guard lock(post_mutex_);
+    if (closing_) return false;
+    loop_.post(std::move(task));
+    return true;
+}
+
+// ------------------------------------------------------------------ caller side
+
+Status Session::connect(const std::string& master_address, int n_attempts, const InterruptCheck& interrupted) {
+    net::Endpoint master;
+    if (auto s = net::parse_endpoint(master_address, master); !s.is_ok()) return s;
+    uint16_t p2p_port = 0;
+    if (auto s = data_plane_.listen(master.family(), p2p_port); !s.is_ok()) return s;
+
+    net::Fd fd;
+    Status last = Status::error(Result::MASTER_CONNECTION_FAILED, "no attempt made (n_attempts < 1)");
+    for (int attempt = 0; attempt < std::max(n_attempts, 1); ++attempt) {
+        if (attempt > 0) {
+            for (auto slept = std::chrono::milliseconds(0); slept < limits::kMasterConnectRetryDelay;
+                 slept += limits::kCallerPollInterval) {
+                if (interrupted && interrupted()) return interrupted_status();
+                std::this_thread::sleep_for(limits::kCallerPollInterval);
+            }
+        }
+        last = net::connect_with_timeout(master, static_cast<int>(kMasterConnectTimeout.count()), fd);
+        if (last.is_ok()) break;
+        PCCL_LOG(INFO, "connect to master ", master.to_string(), " (attempt ", attempt + 1, "/", n_attempts, "): ", last.message);
+    }
+    if (!last.is_ok())
+        return Status::error(Result::MASTER_CONNECTION_FAILED, "cannot reach the master at " + master_address + " after " +
+                                                                   std::to_string(std::max(n_attempts, 1)) +
+                                                                   " attempts: " + last.message + "; is it running?");
+    net::tune_control_socket(fd.get());
+    const int raw_fd = fd.get();
+    master_ = std::make_unique<net::ControlConnection>(std::move(fd), limits::kMaxMasterToPeerFrameBytes,
+                                                       limits::kMaxMasterSendQueueBytes);
+    master_watch_ = loop_.watch(raw_fd, EPOLLIN | EPOLLRDHUP, [this](uint32_t ev) { on_master_io(ev); });
+    last_heard_ = last_sent_ = Clock::now();
+    auto done = std::make_shared<Completion<CallResult>>();
+    call_ = MembershipCall{CallKind::CONNECT, {done}};
+    send_master(wire::Hello{peer_group_, p2p_port});
+    alive_.store(true);
+    thread_ = std::thread([this] {
+        try {
+            loop_.run([this] { tick(); }, limits::kDeadlineCheckInterval);
+        } catch (const std::exception& e) {
+            PCCL_LOG(FATAL, "peer ", my_id_.load(), ": reactor failed: ", e.what());
+            end_session(Status::error(Result::INTERNAL_ERROR, std::string("reactor failed: ") + e.what()));
+        }
+    });
+    while (!done->wait_for(limits::kCallerPollInterval)) {
+        if (interrupted && interrupted()) return interrupted_status();
+    }
+    return done->get().status;
+}
+
+Session::CallResult Session::run_call(CallKind kind, const InterruptCheck& interrupted) {
+    auto done = std::make_shared<Completion<CallResult>>();
+    if (!post([this, kind, done] { start_call(kind, done); })) return {over_status(), false};
+    while (!done->wait_for(limits::kCallerPollInterval)) {
+        if (interrupted && interrupted()) return {interrupted_status(), false};
+    }
+    return done->get();
+}
+
+Status Session::update_topology(const InterruptCheck& interrupted) {
+    return run_call(CallKind::UPDATE_TOPOLOGY, interrupted).status;
+}
+
+Status Session::are_peers_pending(bool& pending, const InterruptCheck& interrupted) {
+    auto r = run_call(CallKind::PEERS_PENDING, interrupted);
+    pending = r.flag;
+    return r.status;
+}
+
+Attributes Session::attributes() const {
+    std::lock_guard lock(attributes_mutex_);
+    return attributes_;
+}
+
+void Session::submit(const std::shared_ptr<ReduceHandle>& h) {
+    h->session = weak_from_this();
+    const bool posted = post([this, h] {
+        auto reject = [&](Result code, std::string why) {
+            release_backup(*h);
+            h->outcome.complete({Status::error(code, std::move(why)), {}});
+        };
+        if (!master_) {
+            const Status over = over_status();
+            return reject(over.code, over.message);
+        }
+        if (!attributes().admitted) return reject(Result::NOT_INITIALIZED, "not connected: call connect() first");
+        if (call_ && call_->kind != CallKind::PEERS_PENDING)
+            return reject(Result::INVALID_USAGE, "update_topology is in progress on another thread; all-reduce after it returns");
+        if (ops_by_tag_.contains(h->request.tag))
+            return reject(Result::INVALID_ARGUMENT, "tag " + std::to_string(h->request.tag) +
+                                                        " is already in flight; give each concurrent all-reduce its own tag");
+        ops_by_tag_.emplace(h->request.tag, h);
+        const auto& r = h->request;
+        send_master(wire::OpBegin{r.tag, r.count, static_cast<uint8_t>(r.dtype), static_cast<uint8_t>(r.op),
+                                  static_cast<uint8_t>(r.quant_algorithm), static_cast<uint8_t>(r.quant_dtype)});
+    });
+    if (!posted) {
+        release_backup(*h);
+        h->outcome.complete({over_status(), {}});
+    }
+}
+
+void Session::cancel(ReduceHandle& handle) {
+    auto acked = std::make_shared<Completion<bool>>();
+    ReduceHandle* target = &handle;
+    const bool posted = post([this, target, acked] {
+        auto it = ops_by_tag_.find(target->request.tag);
+        if (it != ops_by_tag_.end() && it->second.get() == target && !target->cancelled) {
+            auto h = it->second;
+            h->cancelled = true;
+            if (h->phase == ReduceHandle::Phase::RUNNING) {
+                h->stats = data_plane_.remove_op(h->uid);
+                h->phase = ReduceHandle::Phase::LOCAL_FAILED;
+                send_master(wire::OpEnd{h->request.tag, h->uid, 0, 0, "interrupted by the caller"});
+            }
+            // LOCAL_DONE already told the master "ok": the op may succeed everywhere, so keep the result.
+            if (h->phase == ReduceHandle::Phase::LOCAL_FAILED) restore_input(*h);
+            release_backup(*h);
+            h->outcome.complete({interrupted_status(), {}});
+        }
+        acked->complete(true);
+    });
+    if (posted) acked->wait_for(kCancelAckTimeout);
+}
+
+void Session::shutdown(bool say_goodbye) {
+    {
+        std::lock_guard lock(post_mutex_);
+        if (!closing_) {
+            closing_ = true;
+            loop_.post([this, say_goodbye] {
+                if (say_goodbye && master_) {
+                    master_->send(wire::Goodbye{});
+                    master_->flush();
+                }
+                end_session(Status::error(Result::NOT_INITIALIZED, "the communicator was closed"));
+            });
+        }
+    }
+    loop_.stop();
+    if (thread_.get_id() == std::this_thread::get_id()) return;
+    if (thread_.joinable()) thread_.join();
+    // The reactor has exited (or never ran, when connect failed early): settle what it left behind.
+    end_session(Status::error(Result::NOT_INITIALIZED, "the communicator was closed"));
+}
+
+Status Session::over_status() {
+    std::lock_guard lock(post_mutex_);
+    if (!end_status_.is_ok()) return end_status_;
+    return Status::error(Result::NOT_INITIALIZED, "the communicator was closed");
+}
+
+// ------------------------------------------------------------------ reactor side
+
+void Session::start_call(CallKind kind, std::shared_ptr<Completion<CallResult>> done) {
+    if (!master_) return void(done->complete({over_status(), false}));
+    if (call_) {
+        if (call_->kind == kind) return call_->waiters.push_back(std::move(done));  // re-attach to an abandoned call
+        return void(done->complete({Status::error(Result::INVALID_USAGE, "another membership call is in progress on another thread"), false}));
+    }
+    if (!attributes().admitted)
+        return void(done->complete({Status::error(Result::NOT_INITIALIZED, "not connected: call connect() first"), false}));
+    if (kind == CallKind::UPDATE_TOPOLOGY && !ops_by_tag_.empty())
+        return void(done->complete({Status::error(Result::PENDING_ASYNC_OPS,
+                                                  std::to_string(ops_by_tag_.size()) +
+                                                      " all-reduce(s) still in flight; wait for them before update_topology"),
+                                    false}));
+    call_ = MembershipCall{kind, {std::move(done)}};
+    if (kind == CallKind::UPDATE_TOPOLOGY) send_master(wire::VoteUpdateTopology{});
+    else send_master(wire::VotePeersPending{});
+}
+
+void Session::finish_call(CallKind kind, CallResult result) {
+    if (!call_ || call_->kind != kind) return;
+    auto waiters = std::move(call_->waiters);
+    call_.reset();
+    for (auto& w : waiters) w->complete(result);
+}
+
+void Session::send_master(const wire::Message& m) {
+    if (!master_) return;
+    if (!master_->send(m)) {
+        const std::string why = master_->error();
+        loop_.post([this, why] { end_session(Status::error(Result::MASTER_CONNECTION_FAILED, "lost the master: " + why)); });
+        return;
+    }
+    last_sent_ = Clock::now();
+    const bool want = master_->wants_write();
+    if (want != master_write_armed_) {
+        master_write_armed_ = want;
+        loop_.modify(master_watch_, EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0u));
+    }
+}
+
+void Session::on_master_io(uint32_t events) {
+    if (!master_) return;
+    if (events & EPOLLOUT) {
+        if (!master_->flush())
+            return end_session(Status::error(Result::MASTER_CONNECTION_FAILED, "lost the master: " + master_->error()));
+        const bool want = master_->wants_write();
+        if (want != master_write_armed_) {
+            master_write_armed_ = want;
+            loop_.modify(master_watch_, EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0u));
+        }
+    }
+    if (!(events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))) return;
+    std::vector<wire::Message> msgs;
+    const auto status = master_->read_messages(msgs);
+    const std::string error = master_->error();
+    if (!msgs.empty()) last_heard_ = Clock::now();
+    for (auto& m : msgs) {
+        if (!master_) return;
+        handle(std::move(m));
+    }
+    if (!master_) return;
+    if (status == net::ControlConnection::ReadStatus::CLOSED)
+        end_session(Status::error(Result::MASTER_CONNECTION_FAILED, "lost the connection to the master: " + error));
+    else if (status == net::ControlConnection::ReadStatus::PROTOCOL_ERROR)
+        end_session(Status::error(Result::MASTER_CONNECTION_FAILED, "the master sent a malformed frame: " + error));
+}
+
+void Session::handle(wire::Message&& m) {
+    std::visit(Overloaded{
+                   [&](wire::Welcome& x) {
+                       my_id_.store(x.peer_id);
+                       data_plane_.set_identity(x.peer_id);
+                       if (x.peer_timeout_ms > 0) peer_timeout_ = std::chrono::milliseconds(x.peer_timeout_ms);
+                       PCCL_LOG(INFO, "peer ", x.peer_id, ": registered with the master");
+                   },
+                   [&](wire::Topology& x) { on_topology(x); },
+                   [&](wire::TopologyComplete&) {
+                       finish_call(CallKind::CONNECT, {Status::ok(), false});
+                       finish_call(CallKind::UPDATE_TOPOLOGY, {Status::ok(), false});
+                   },
+                   [&](wire::PeersPendingAnswer& x) { finish_call(CallKind::PEERS_PENDING, {Status::ok(), x.pending != 0}); },
+                   [&](wire::OpGo& x) { on_go(x); },
+                   [&](wire::OpResult& x) { on_result(x); },
+                   [&](wire::Kicked& x) {
+                       end_session(Status::error(Result::MASTER_CONNECTION_FAILED,
+                                                 "dropped by the master (" + x.reason + "); call connect() to rejoin"));
+                   },
+                   [&](wire::MasterHeartbeat&) {},
+                   [&](auto& other) {
+                       end_session(Status::error(Result::MASTER_CONNECTION_FAILED,
+                                                 std::string("the master sent a peer-only message: ") +
+                                                     wire::type_name(wire::type_of(wire::Message(other)))));
+                   },
+               },
+               m);
+}
+
+void Session::on_topology(const wire::Topology& t) {
+    epoch_ = t.epoch;
+    ring_ = t.peers;
+    const uint64_t me = my_id_.load();
+    std::map<PeerId, net::Endpoint> directory;
+    const wire::PeerEntry* mine = nullptr;
+    for (const auto& p : t.peers) {
+        if (p.peer_id == me) mine = &p;
+        else directory.emplace(p.peer_id, net::Endpoint::from(p.ip, p.p2p_port));
+    }
+    data_plane_.set_directory(std::move(directory));
+    if (!mine) return;  // not admitted yet
+
+    std::map<uint32_t, int64_t> group_sizes;
+    for (const auto& p : t.peers) ++group_sizes[p.group];
+    {
+        std::lock_guard lock(attributes_mutex_);
+        attributes_.admitted = true;
+        attributes_.global_world = static_cast<int64_t>(t.peers.size());
+        attributes_.local_world = group_sizes[mine->group];
+        attributes_.groups = static_cast<int64_t>(group_sizes.size());
+        attributes_.largest_group = 0;
+        for (const auto& [g, n] : group_sizes) attributes_.largest_group = std::max(attributes_.largest_group, n);
+    }
+    if (!t.needs_confirm) return;
+
+    std::vector<PeerId> group_ring;
+    for (const auto& p : t.peers)
+        if (p.group == mine->group) group_ring.push_back(p.peer_id);
+    const uint64_t epoch = t.epoch;
+    if (group_ring.size() < 2) {
+        send_master(wire::P2PReady{epoch, 0});
+        return;
+    }
+    const auto pos = std::find(group_ring.begin(), group_ring.end(), me) - group_ring.begin();
+    const PeerId next = group_ring[(static_cast<size_t>(pos) + 1) % group_ring.size()];
+    data_plane_.ensure_pool(next, [this, epoch, next](Status s) {
+        if (epoch != epoch_ || !master_) return;  // the ring changed meanwhile; a newer round asks again
+        if (!s.is_ok()) PCCL_LOG(WARN, "peer ", my_id_.load(), ": cannot connect to next peer ", next, ": ", s.message);
+        send_master(wire::P2PReady{epoch, s.is_ok() ? 0 : next});
+    });
+}
+
+void Session::on_go(const wire::OpGo& go) {
+    auto it = ops_by_tag_.find(go.tag);
+    if (it == ops_by_tag_.end() || it->second->uid != 0) {
+        send_master(wire::OpEnd{go.tag, go.op_uid, 0, 0, "no such operation on this peer"});
+        data_plane_.note_go(go.op_uid);
+        return;
+    }
+    auto h = it->second;
+    h->uid = go.op_uid;
+    h->world = go.world;
+    tag_by_uid_[go.op_uid] = go.tag;
+    if (h->cancelled) {
+        h->phase = ReduceHandle::Phase::LOCAL_FAILED;
+        send_master(wire::OpEnd{go.tag, go.op_uid, 0, 0, "interrupted by the caller"});
+        data_plane_.note_go(go.op_uid);
+        return;
+    }
+    ring::RingAllReduce::Params p;
+    p.send = static_cast<const uint8_t*>(h->in_place ? h->backup.data.get() : h->request.send);
+    p.recv = static_cast<uint8_t*>(h->request.recv);
+    p.count = h->request.count;
+    p.dtype = h->request.dtype;
+    p.op = h->request.op;
+    p.world = go.world;
+    p.rank = go.rank;
+    p.piece_elems = ring::RingAllReduce::choose_piece_elems(p.count, p.world, element_size(p.dtype), pool_size_);
+    h->ring = std::make_unique<ring::RingAllReduce>(p);
+    h->phase = ReduceHandle::Phase::RUNNING;
+    h->recv_written = true;
+    data_plane_.start_op(go.op_uid, h->ring.get(), go.prev_peer, go.next_peer);
+}
+
+void Session::on_op_complete(uint64_t uid) {
+    auto t = tag_by_uid_.find(uid);
+    if (t == tag_by_uid_.end()) return;
+    auto h = ops_by_tag_.at(t->second);
+    if (h->phase != ReduceHandle::Phase::RUNNING) return;
+    h->phase = ReduceHandle::Phase::LOCAL_DONE;
+    send_master(wire::OpEnd{h->request.tag, uid, 1, 0, ""});
+}
+
+void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect) {
+    auto t = tag_by_uid_.find(uid);
+    if (t == tag_by_uid_.end()) return;
+    auto h = ops_by_tag_.at(t->second);
+    if (h->phase != ReduceHandle::Phase::RUNNING) return;
+    h->stats = data_plane_.remove_op(uid);
+    h->phase = ReduceHandle::Phase::LOCAL_FAILED;
+    PCCL_LOG(INFO, "peer ", my_id_.load(), ": all-reduce tag=", h->request.tag, " failed locally: ", why.message);
+    send_master(wire::OpEnd{h->request.tag, uid, 0, suspect, why.message});
+}
+
+void Session::on_result(const wire::OpResult& r) {
+    auto it = ops_by_tag_.find(r.tag);
+    if (it == ops_by_tag_.end()) return;
+    auto h = it->second;
+    if (r.op_uid != 0 && r.op_uid != h->uid) return;  // about an earlier use of this tag
+    finish_op(h, r.result == 0 ? Status::ok() : Status::error(static_cast<Result>(r.result), r.message));
+}
+
+void Session::finish_op(const std::shared_ptr<ReduceHandle>& h, Status status) {
+    if (h->phase == ReduceHandle::Phase::RUNNING || h->phase == ReduceHandle::Phase::LOCAL_DONE) {
+        const auto s = data_plane_.remove_op(h->uid);
+        if (h->phase == ReduceHandle::Phase::RUNNING || s.tx_bytes || s.rx_bytes) h->stats = s;
+    }
+    if (!status.is_ok() && !h->cancelled) restore_input(*h);
+    release_backup(*h);
+    ops_by_tag_.erase(h->request.tag);
+    tag_by_uid_.erase(h->uid);
+    h->ring.reset();
+    if (!h->cancelled) h->outcome.complete({std::move(status), ReduceInfo{h->world, h->stats.tx_bytes, h->stats.rx_bytes}});
+}
+
+void Session::restore_input(ReduceHandle& h) {
+    if (!h.recv_written || !h.in_place || !h.backup.data) return;
+    std::memcpy(h.request.recv, h.backup.data.get(), h.request.count * element_size(h.request.dtype));
+    h.recv_written = false;
+}
+
+void Session::release_backup(ReduceHandle& h) {
+    if (h.backup.data && h.scratch) h.scratch->give_back(std::move(h.backup));
+    h.backup = {};
+}
+
+void Session::tick() {
+    const auto now = Clock::now();
+    if (master_) {
+        if (now - last_heard_ > peer_timeout_) on_master_io(EPOLLIN);  // a KICKED may be waiting after a long stop
+        if (master_ && now - last_heard_ > peer_timeout_)
+            return end_session(Status::error(Result::MASTER_CONNECTION_FAILED,
+                                             "the master has been silent for more than " +
+                                                 std::to_string(peer_timeout_.count()) + " ms"));
+        if (master_ && now - last_sent_ >= limits::kHeartbeatInterval) send_master(wire::Heartbeat{});
+    }
+    data_plane_.check_deadlines(now, peer_timeout_);
+}
+
+void Session::end_session(const Status& why) {
+    {
+        std::lock_guard lock(post_mutex_);
+        if (ended_) return;
+        ended_ = true;
+        if (end_status_.is_ok()) end_status_ = why;
+        closing_ = true;
+    }
+    if (alive_.exchange(false)) PCCL_LOG(INFO, "peer ", my_id_.load(), ": session over: ", why.message);
+    {
+        std::lock_guard lock(attributes_mutex_);
+        attributes_.admitted = false;
+    }
+    auto ops = ops_by_tag_;
+    for (auto& [tag, h] : ops) finish_op(h, why);
+    if (call_) {
+        auto waiters = std::move(call_->waiters);
+        call_.reset();
+        for (auto& w : waiters) w->complete({why, false});
+    }
+    data_plane_.close_all();
+    if (master_) {
+        loop_.unwatch(master_watch_);
+        master_.reset();
+    }
+    loop_.stop();
+}
+
+}  // namespace pccl::client

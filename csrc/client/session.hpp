@@ -1,0 +1,139 @@
+// One registration of a communicator with the master: the reactor thread, the control link, the
+// membership view, the data plane and the table of operations. A session ends when the peer closes,
+// is kicked, or loses the master; connect() then starts a new one. Internal to client/.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "client/communicator.hpp"
+#include "client/data_plane.hpp"
+#include "net/control_connection.hpp"
+#include "net/event_loop.hpp"
+#include "ring/ring_allreduce.hpp"
+
+namespace pccl::client {
+
+class ReduceHandle {
+public:
+    Completion<ReduceOutcome> outcome;
+
+private:
+    friend class Session;
+    friend class Communicator;
+    enum class Phase { WAIT_GO, RUNNING, LOCAL_DONE, LOCAL_FAILED };
+
+    ReduceRequest request;
+    bool in_place = false;
+    ScratchPool::Buffer backup;
+    std::shared_ptr<ScratchPool> scratch;
+    std::weak_ptr<Session> session;
+    // Reactor-only from here.
+    Phase phase = Phase::WAIT_GO;
+    uint64_t uid = 0;
+    std::unique_ptr<ring::RingAllReduce> ring;
+    bool cancelled = false;
+    bool recv_written = false;  // recv may hold partial results
+    uint32_t world = 0;
+    DataPlane::OpStats stats;
+};
+
+struct Attributes {
+    bool admitted = false;
+    int64_t global_world = 0;
+    int64_t local_world = 0;
+    int64_t groups = 0;
+    int64_t largest_group = 0;
+};
+
+class Session final : public DataPlaneEvents, public std::enable_shared_from_this<Session> {
+public:
+    Session(uint32_t peer_group, size_t pool_size, std::shared_ptr<ScratchPool> scratch);
+    ~Session() override;
+
+    // Caller thread: open the master connection and register; returns once admitted.
+    Status connect(const std::string& master_address, int n_attempts, const InterruptCheck& interrupted);
+    Status update_topology(const InterruptCheck& interrupted);
+    Status are_peers_pending(bool& pending, const InterruptCheck& interrupted);
+    Attributes attributes() const;
+    void submit(const std::shared_ptr<ReduceHandle>& handle);
+    void cancel(ReduceHandle& handle);
+    // Leaves the run and joins the reactor. Idempotent.
+    void shutdown(bool say_goodbye);
+    bool alive() const { return alive_.load(); }
+    uint64_t peer_id() const { return my_id_.load(); }
+
+    // DataPlaneEvents (reactor thread)
+    void on_op_failed(uint64_t uid, const Status& why, PeerId suspect) override;
+    void on_op_complete(uint64_t uid) override;
+
+private:
+    enum class CallKind { CONNECT, UPDATE_TOPOLOGY, PEERS_PENDING };
+    struct CallResult {
+        Status status;
+        bool flag = false;
+    };
+    struct MembershipCall {
+        CallKind kind;
+        // More than one when a caller abandoned the call (Ctrl-C) and a later one re-attached.
+        std::vector<std::shared_ptr<Completion<CallResult>>> waiters;
+    };
+
+    bool post(net::EventLoop::Task task);  // false once the session is over
+    CallResult run_call(CallKind kind, const InterruptCheck& interrupted);
+    void start_call(CallKind kind, std::shared_ptr<Completion<CallResult>> done);
+    void finish_call(CallKind kind, CallResult result);
+
+    void on_master_io(uint32_t events);
+    void handle(wire::Message&& m);
+    void on_topology(const wire::Topology& t);
+    void on_go(const wire::OpGo& go);
+    void on_result(const wire::OpResult& r);
+    void send_master(const wire::Message& m);
+    void tick();
+    void end_session(const Status& why);
+    Status over_status();  // why posts are refused  // kicked / lost master / closed: fail everything
+    void finish_op(const std::shared_ptr<ReduceHandle>& h, Status status);
+    void restore_input(ReduceHandle& h);
+    void release_backup(ReduceHandle& h);
+
+    const uint32_t peer_group_;
+    const size_t pool_size_;
+    std::shared_ptr<ScratchPool> scratch_;
+    net::EventLoop loop_;
+    DataPlane data_plane_;
+    std::thread thread_;
+    std::atomic<bool> alive_{false};
+    std::atomic<uint64_t> my_id_{0};
+    std::mutex post_mutex_;
+    bool closing_ = false;
+    Status end_status_;  // why the session is over (first reason wins); guarded by post_mutex_
+    bool ended_ = false;
+
+    mutable std::mutex attributes_mutex_;
+    Attributes attributes_;
+
+    // Reactor-only state.
+    std::unique_ptr<net::ControlConnection> master_;
+    uint64_t master_watch_ = 0;
+    bool master_write_armed_ = false;
+    Clock::time_point last_heard_;
+    Clock::time_point last_sent_;
+    std::chrono::milliseconds peer_timeout_{10000};
+    uint64_t epoch_ = 0;
+    std::vector<wire::PeerEntry> ring_;
+    std::optional<MembershipCall> call_;
+    std::string end_reason_;
+    std::unordered_map<uint64_t, std::shared_ptr<ReduceHandle>> ops_by_tag_;
+    std::unordered_map<uint64_t, uint64_t> tag_by_uid_;
+};
+
+}  // namespace pccl::client

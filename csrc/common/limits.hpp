@@ -1,0 +1,60 @@
+// Every bound of the library in one place. A change here changes behaviour, so each says why.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+
+namespace pccl::limits {
+
+using std::chrono::milliseconds;
+
+// ---- wire ----
+inline constexpr uint32_t kControlMagic = 0x4C434350;  // "PCCL" little endian
+inline constexpr uint32_t kDataMagic = 0x44434350;     // "PCCD" little endian
+inline constexpr uint16_t kProtocolVersion = 1;
+// Frames a peer sends to the master are tiny; anything bigger is an attack or a bug.
+inline constexpr uint32_t kMaxPeerToMasterFrameBytes = 64 * 1024;
+// The master's topology message lists every peer (~40 bytes each): 16 MiB covers 400k peers.
+inline constexpr uint32_t kMaxMasterToPeerFrameBytes = 16 * 1024 * 1024;
+inline constexpr uint32_t kMaxWireStringBytes = 4096;
+inline constexpr uint32_t kMaxPeersInTopology = 100000;
+// One data piece: bounds the receiver's trust in a header's length field.
+inline constexpr uint32_t kMaxDataPieceBytes = 64 * 1024 * 1024;
+
+// ---- master ----
+inline constexpr size_t kMaxMasterConnections = 4096;
+// A peer that stops reading is dropped once this much is queued for it.
+inline constexpr size_t kMaxMasterSendQueueBytes = 64 * 1024 * 1024;
+// Ops one peer may have begun but not ended; more is a protocol violation.
+inline constexpr size_t kMaxOpsInFlightPerPeer = 4096;
+// A connection must say HELLO within this time or it is closed.
+inline constexpr milliseconds kHelloDeadline{10000};
+
+// ---- liveness ----
+inline constexpr milliseconds kHeartbeatInterval{1000};
+// Default for the heartbeat and progress deadlines; PCCL_PEER_TIMEOUT_MS overrides it.
+inline constexpr milliseconds kDefaultPeerTimeout{10000};
+inline constexpr milliseconds kMinPeerTimeout{200};
+inline constexpr milliseconds kDeadlineCheckInterval{100};
+// How often a blocked caller wakes to look for Ctrl-C.
+inline constexpr milliseconds kCallerPollInterval{100};
+
+// ---- peers ----
+inline constexpr size_t kMaxPoolSize = 64;
+inline constexpr size_t kMaxIncomingP2PConnections = 4096;
+inline constexpr milliseconds kP2PHandshakeDeadline{5000};
+inline constexpr milliseconds kMasterConnectRetryDelay{500};
+inline constexpr int kSocketBufferBytes = 4 * 1024 * 1024;
+
+// ---- ring ----
+// Pieces are the unit of pipelining: small enough that the ring streams, big enough that the
+// per-piece header and syscalls vanish.
+inline constexpr size_t kMaxPieceBytes = 512 * 1024;
+inline constexpr size_t kMinPieceBytes = 16 * 1024;
+// In-place ops keep one copy of the input; up to this many bytes of such copies stay cached.
+inline constexpr size_t kMaxCachedScratchBytes = 1ull << 30;
+inline constexpr size_t kMaxSendBatchIov = 64;
+inline constexpr size_t kDiscardBufferBytes = 64 * 1024;
+
+}  // namespace pccl::limits

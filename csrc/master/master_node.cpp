@@ -1,0 +1,188 @@
+#include "master/master_node.hpp"
+
+#include <cerrno>
+#include <cstring>
+#include <cstdlib>
+#include <unordered_map>
+#include <vector>
+
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+#include "common/limits.hpp"
+#include "common/log.hpp"
+#include "master/master_state.hpp"
+#include "net/control_connection.hpp"
+#include "net/event_loop.hpp"
+
+namespace pccl::master {
+
+std::chrono::milliseconds resolve_peer_timeout(std::chrono::milliseconds requested) {
+    if (requested.count() <= 0) {
+        requested = limits::kDefaultPeerTimeout;
+        if (const char* env = std::getenv("PCCL_PEER_TIMEOUT_MS")) {
+            const long v = std::strtol(env, nullptr, 10);
+            if (v > 0) requested = std::chrono::milliseconds(v);
+        }
+    }
+    return std::max(requested, limits::kMinPeerTimeout);
+}
+
+struct MasterNode::Impl final : Outbox {
+    struct Connection {
+        net::ControlConnection stream;
+        uint64_t watch = 0;
+        bool writable_armed = false;
+    };
+
+    net::EventLoop loop;
+    net::Fd listener;
+    MasterState state;
+    std::unordered_map<ConnId, std::unique_ptr<Connection>> conns;
+    std::vector<std::pair<ConnId, std::string>> to_close;  // deferred: never close inside a state callback
+    ConnId next_conn = 1;
+
+    explicit Impl(std::chrono::milliseconds timeout) : state(*this, timeout) {}
+
+    // ---- Outbox
+    void send(ConnId id, const wire::Message& m) override {
+        auto it = conns.find(id);
+        if (it == conns.end()) return;
+        Connection& c = *it->second;
+        if (!c.stream.send(m)) {
+            to_close.emplace_back(id, c.stream.error());
+            return;
+        }
+        arm_write(id, c);
+    }
+    void disconnect(ConnId id, const std::string& reason) override {
+        auto it = conns.find(id);
+        if (it == conns.end()) return;
+        // Best effort to deliver what is queued (e.g. KICKED) before closing.
+        it->second->stream.flush();
+        PCCL_LOG(DEBUG, "master: closing connection ", id, ": ", reason);
+        loop.unwatch(it->second->watch);
+        conns.erase(it);
+    }
+
+    void arm_write(ConnId id, Connection& c) {
+        const bool want = c.stream.wants_write();
+        if (want == c.writable_armed) return;
+        c.writable_armed = want;
+        loop.modify(c.watch, EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0u));
+        (void)id;
+    }
+
+    void close_deferred() {
+        while (!to_close.empty()) {
+            auto batch = std::move(to_close);
+            to_close.clear();
+            for (auto& [id, reason] : batch) {
+                if (!conns.contains(id)) continue;
+                disconnect(id, reason);
+                state.on_disconnect(id, reason);
+            }
+        }
+    }
+
+    void on_accept() {
+        for (;;) {
+            sockaddr_storage addr{};
+            socklen_t len = sizeof(addr);
+            const int fd = ::accept4(listener.get(), reinterpret_cast<sockaddr*>(&addr), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (fd < 0) {
+                if (errno == EINTR || errno == ECONNABORTED) continue;
+                if (errno != EAGAIN && errno != EWOULDBLOCK)
+                    PCCL_LOG(WARN, "master: accept failed: ", net::errno_text(errno));
+                return;
+            }
+            net::Fd owned(fd);
+            if (conns.size() >= limits::kMaxMasterConnections) {
+                PCCL_LOG(WARN, "master: refusing a connection: already ", conns.size(), " open");
+                continue;
+            }
+            net::tune_control_socket(fd);
+            net::Endpoint remote;
+            std::memcpy(&remote.storage, &addr, len);
+            remote.length = len;
+            const ConnId id = next_conn++;
+            auto c = std::make_unique<Connection>(Connection{
+                net::ControlConnection(std::move(owned), limits::kMaxPeerToMasterFrameBytes, limits::kMaxMasterSendQueueBytes)});
+            c->watch = loop.watch(fd, EPOLLIN | EPOLLRDHUP, [this, id](uint32_t ev) { on_io(id, ev); });
+            conns.emplace(id, std::move(c));
+            PCCL_LOG(DEBUG, "master: connection ", id, " from ", remote.to_string());
+            state.on_connect(id, remote.ip(), Clock::now());
+        }
+    }
+
+    void on_io(ConnId id, uint32_t events) {
+        auto it = conns.find(id);
+        if (it == conns.end()) return;
+        Connection& c = *it->second;
+        if (events & EPOLLOUT) {
+            if (!c.stream.flush()) to_close.emplace_back(id, c.stream.error());
+            else arm_write(id, c);
+        }
+        if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+            std::vector<wire::Message> msgs;
+            const auto status = c.stream.read_messages(msgs);
+            const std::string error = c.stream.error();
+            const auto now = Clock::now();
+            for (auto& m : msgs) {
+                if (!conns.contains(id)) break;  // dropped by an earlier message
+                state.on_message(id, std::move(m), now);
+            }
+            if (status != net::ControlConnection::ReadStatus::OPEN && conns.contains(id)) {
+                if (status == net::ControlConnection::ReadStatus::PROTOCOL_ERROR)
+                    PCCL_LOG(WARN, "master: dropping connection ", id, ": ", error);
+                to_close.emplace_back(id, error);
+            }
+        }
+        close_deferred();
+    }
+};
+
+MasterNode::MasterNode(std::string listen_address, std::chrono::milliseconds peer_timeout)
+    : listen_address_(std::move(listen_address)), peer_timeout_(resolve_peer_timeout(peer_timeout)) {}
+
+MasterNode::~MasterNode() { interrupt(); }
+
+Status MasterNode::run() {
+    if (running_.load()) return Status::error(Result::INVALID_USAGE, "the master is already running");
+    if (thread_.joinable()) thread_.join();
+    net::Endpoint at;
+    if (auto s = net::parse_endpoint(listen_address_, at); !s.is_ok()) return s;
+    impl_ = std::make_unique<Impl>(peer_timeout_);
+    if (auto s = net::listen_on(at, 1024, impl_->listener); !s.is_ok()) return s;
+    port_.store(net::local_endpoint(impl_->listener.get())->port());
+    impl_->loop.watch(impl_->listener.get(), EPOLLIN, [impl = impl_.get()](uint32_t) {
+        impl->on_accept();
+        impl->close_deferred();
+    });
+    running_.store(true);
+    PCCL_LOG(INFO, "master: listening on ", net::local_endpoint(impl_->listener.get())->to_string());
+    thread_ = std::thread([this] {
+        Impl* impl = impl_.get();
+        try {
+            impl->loop.run(
+                [impl] {
+                    impl->state.on_tick(Clock::now());
+                    impl->close_deferred();
+                },
+                limits::kDeadlineCheckInterval);
+        } catch (const std::exception& e) {
+            PCCL_LOG(FATAL, "master: event loop failed: ", e.what());
+        }
+        running_.store(false);
+    });
+    return Status::ok();
+}
+
+void MasterNode::interrupt() {
+    if (impl_) impl_->loop.stop();
+    if (thread_.joinable()) thread_.join();
+    running_.store(false);
+    impl_.reset();
+}
+
+}  // namespace pccl::master

@@ -1,0 +1,123 @@
+// The master's brain: registry of peers, ring order, epochs and the unanimous votes of every phase
+// (admission, peers-pending query, collective operations). Pure logic, no sockets: it reacts to
+// events and speaks through an Outbox, so the whole state machine runs on one thread and can be
+// driven by tests. See ARCHITECTURE.md for the phases.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "wire/messages.hpp"
+
+namespace pccl::master {
+
+using ConnId = uint64_t;
+using PeerId = uint64_t;
+using Clock = std::chrono::steady_clock;
+
+class Outbox {
+public:
+    virtual ~Outbox() = default;
+    virtual void send(ConnId conn, const wire::Message& m) = 0;
+    // Close the connection. The state has already forgotten it; no on_disconnect follows.
+    virtual void disconnect(ConnId conn, const std::string& reason) = 0;
+};
+
+class MasterState {
+public:
+    MasterState(Outbox& outbox, std::chrono::milliseconds peer_timeout);
+
+    void on_connect(ConnId conn, const wire::IpAddress& remote_ip, Clock::time_point now);
+    void on_message(ConnId conn, wire::Message&& m, Clock::time_point now);
+    // The connection died (EOF, socket error, protocol error).
+    void on_disconnect(ConnId conn, const std::string& reason);
+    void on_tick(Clock::time_point now);
+
+    size_t peer_count() const { return peers_.size(); }
+    size_t connection_count() const { return conns_.size(); }
+
+private:
+    enum class PeerState { PENDING, ACCEPTED };
+    struct Peer {
+        PeerId id = 0;
+        ConnId conn = 0;
+        uint32_t group = 0;
+        wire::IpAddress ip;
+        uint16_t p2p_port = 0;
+        PeerState state = PeerState::PENDING;
+        bool voted_update = false;
+        bool voted_pending = false;
+        uint64_t confirmed_epoch = 0;
+        size_t ops_in_flight = 0;
+        Clock::time_point last_heard;
+    };
+    struct Conn {
+        wire::IpAddress ip;
+        Clock::time_point connected_at;
+        PeerId peer = 0;  // 0 until HELLO
+    };
+    struct OpKey {
+        uint32_t group;
+        uint64_t tag;
+        auto operator<=>(const OpKey&) const = default;
+    };
+    struct OpRecord {
+        wire::OpBegin desc;
+        PeerId first_peer = 0;
+        std::set<PeerId> begun;
+        bool started = false;
+        uint64_t uid = 0;
+        std::vector<PeerId> participants;  // ring order, once started
+        std::set<PeerId> ended_ok;
+        std::set<PeerId> answered;         // got their OP_RESULT already
+        std::string poison;                // non-empty: descriptors disagreed
+    };
+
+    void handle_hello(ConnId conn, Conn& c, const wire::Hello& m, Clock::time_point now);
+    void handle_peer_message(Peer& p, wire::Message&& m);
+    void on_vote_update(Peer& p);
+    void on_p2p_ready(Peer& p, const wire::P2PReady& m);
+    void on_vote_pending(Peer& p);
+    void on_op_begin(Peer& p, const wire::OpBegin& m);
+    void on_op_end(Peer& p, const wire::OpEnd& m);
+
+    void drop_peer(PeerId id, const std::string& reason, bool tell_peer);
+    void violation(Peer& p, const std::string& what);
+    void send_to(PeerId id, const wire::Message& m);
+
+    std::vector<PeerId> accepted_ids() const;
+    std::vector<PeerId> group_ring(uint32_t group) const;
+    wire::Topology topology_message(bool needs_confirm) const;
+    void broadcast_topology(bool needs_confirm);
+    std::string describe(PeerId id) const;
+
+    void maybe_admit();
+    void start_admission_round();
+    void check_update_votes();
+    void check_round_complete();
+    void check_pending_votes();
+    void check_op_start(const OpKey& key);
+    void check_all_ops(uint32_t group);
+    void finish_op(const OpKey& key, uint8_t result, const std::string& message);
+    void answer_op(OpRecord& rec, const OpKey& key, PeerId peer, uint8_t result, const std::string& message);
+
+    Outbox& out_;
+    std::chrono::milliseconds peer_timeout_;
+    std::unordered_map<ConnId, Conn> conns_;
+    std::unordered_map<PeerId, Peer> peers_;
+    std::vector<PeerId> ring_;  // accepted peers in ring order (all groups interleaved)
+    std::vector<PeerId> pending_order_;
+    std::map<OpKey, OpRecord> ops_;
+    PeerId next_peer_id_ = 1;
+    uint64_t next_op_uid_ = 1;
+    uint64_t epoch_ = 0;
+    bool round_active_ = false;
+    Clock::time_point last_heartbeat_sent_{};
+};
+
+}  // namespace pccl::master

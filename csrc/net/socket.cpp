@@ -1,0 +1,98 @@
+#include "net/socket.hpp"
+
+#include <cerrno>
+#include <cstring>
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "common/limits.hpp"
+
+namespace pccl::net {
+
+void Fd::reset() {
+    if (fd_ >= 0) {
+        ::close(fd_);
+        fd_ = -1;
+    }
+}
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+void set_nonblocking(int fd) {
+    const int flags = fcntl(fd, F_GETFL, 0);
+    fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+}
+
+void tune_control_socket(int fd) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+}
+
+void tune_data_socket(int fd) {
+    tune_control_socket(fd);
+    int bytes = limits::kSocketBufferBytes;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes));
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes));
+}
+
+Status listen_on(const Endpoint& at, int backlog, Fd& out) {
+    Fd fd(::socket(at.family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (!fd.valid()) return Status::error(Result::INTERNAL_ERROR, "socket(): " + errno_text(errno));
+    int one = 1;
+    setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (at.family() == AF_INET6) {
+        int zero = 0;
+        setsockopt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero));
+    }
+    if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&at.storage), at.length) != 0)
+        return Status::error(Result::INVALID_ARGUMENT, "cannot bind " + at.to_string() + ": " + errno_text(errno));
+    if (::listen(fd.get(), backlog) != 0)
+        return Status::error(Result::INTERNAL_ERROR, "listen(): " + errno_text(errno));
+    out = std::move(fd);
+    return Status::ok();
+}
+
+Status start_connect(const Endpoint& to, Fd& out, bool& in_progress) {
+    Fd fd(::socket(to.family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (!fd.valid()) return Status::error(Result::INTERNAL_ERROR, "socket(): " + errno_text(errno));
+    in_progress = false;
+    if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&to.storage), to.length) != 0) {
+        if (errno != EINPROGRESS)
+            return Status::error(Result::RANK_CONNECTION_FAILED, "connect to " + to.to_string() + ": " + errno_text(errno));
+        in_progress = true;
+    }
+    out = std::move(fd);
+    return Status::ok();
+}
+
+Status finish_connect(int fd) {
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+    if (err != 0) return Status::error(Result::RANK_CONNECTION_FAILED, errno_text(err));
+    return Status::ok();
+}
+
+Status connect_with_timeout(const Endpoint& to, int timeout_ms, Fd& out) {
+    bool in_progress = false;
+    Fd fd;
+    if (auto s = start_connect(to, fd, in_progress); !s.is_ok()) return s;
+    if (in_progress) {
+        pollfd p{fd.get(), POLLOUT, 0};
+        int rc;
+        do { rc = ::poll(&p, 1, timeout_ms); } while (rc < 0 && errno == EINTR);
+        if (rc == 0) return Status::error(Result::MASTER_CONNECTION_FAILED, "connect to " + to.to_string() + " timed out");
+        if (auto s = finish_connect(fd.get()); !s.is_ok())
+            return Status::error(Result::MASTER_CONNECTION_FAILED, "connect to " + to.to_string() + ": " + s.message);
+    }
+    out = std::move(fd);
+    return Status::ok();
+}
+
+}  // namespace pccl::net

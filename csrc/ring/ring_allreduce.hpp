@@ -1,0 +1,73 @@
+// The pipelined ring all-reduce of one operation, free of sockets. Every piece travels the ring on
+// its own: reduce-scatter hops reduce it into the destination and forward it; the chunk's owner
+// finalises it (AVG divides once) and starts it on its all-gather lap, where each peer keeps it and
+// forwards it verbatim. Each reduced value is computed exactly once, hence bit-identical results.
+//
+// Peer `rank` sends chunk `rank` first; the piece of chunk c is owned (fully reduced) at peer c-1.
+// Buffers: `send` is never written; `recv` receives every piece in place (no staging). For an
+// in-place call the communicator passes a private copy of the input as `send`.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/types.hpp"
+#include "ring/ring_plan.hpp"
+#include "wire/data_frame.hpp"
+
+namespace pccl::ring {
+
+// Where pieces go: implemented by the transport.
+class PieceSink {
+public:
+    virtual ~PieceSink() = default;
+    // Queue `count` elements at `offset` of `data` for the next peer. `data` stays valid and
+    // unmodified until the transport reports the send done.
+    virtual void send_piece(wire::RingPhase phase, uint64_t offset, uint64_t count, const uint8_t* data) = 0;
+};
+
+class RingAllReduce {
+public:
+    struct Params {
+        const uint8_t* send = nullptr;
+        uint8_t* recv = nullptr;
+        uint64_t count = 0;
+        DataType dtype = DataType::FLOAT;
+        ReduceOp op = ReduceOp::SUM;
+        uint32_t world = 1;
+        uint32_t rank = 0;
+        uint64_t piece_elems = 1;
+    };
+
+    explicit RingAllReduce(const Params& p);
+
+    // Queue this peer's first pieces.
+    void start(PieceSink& sink);
+
+    // Validate an incoming piece header; the destination of its payload, or nullptr with `error`.
+    // A piece accepted here must later be passed to on_piece_received.
+    uint8_t* accept_piece(wire::RingPhase phase, uint64_t offset, uint32_t bytes, std::string& error);
+    void on_piece_received(PieceSink& sink, wire::RingPhase phase, uint64_t offset, uint32_t bytes);
+
+    void on_piece_queued() { ++sends_outstanding_; }
+    void on_piece_sent() { --sends_outstanding_; }
+    bool complete() const { return pieces_left_ == 0 && sends_outstanding_ == 0; }
+    size_t element_bytes() const { return elem_; }
+
+    static uint64_t choose_piece_elems(uint64_t count, uint32_t world, size_t elem, size_t pool_size);
+
+private:
+    uint32_t chunk_owned_by_next() const { return (p_.rank + 2) % p_.world; }
+    uint32_t my_chunk() const { return p_.rank; }
+    uint32_t owned_chunk() const { return (p_.rank + 1) % p_.world; }
+
+    Params p_;
+    size_t elem_;
+    RingPlan plan_;
+    std::vector<uint8_t> seen_[2];  // per phase, per piece: accepted already
+    uint64_t pieces_left_ = 0;
+    uint64_t sends_outstanding_ = 0;
+};
+
+}  // namespace pccl::ring

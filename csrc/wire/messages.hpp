@@ -1,0 +1,134 @@
+// Control messages between peers and the master, and the frame that carries them:
+//   magic u32 'PCCL' | version u16 | type u16 | payload length u32 | payload
+// New messages take new type numbers; a receiver drops the connection on an unknown one.
+// Type numbers 100-199 are reserved for shared-state sync, 200-255 for topology optimisation.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace pccl::wire {
+
+inline constexpr size_t kFrameHeaderBytes = 12;
+
+enum class MsgType : uint16_t {
+    // peer -> master
+    HELLO = 1,
+    HEARTBEAT = 2,
+    VOTE_UPDATE_TOPOLOGY = 3,
+    P2P_READY = 4,
+    VOTE_PEERS_PENDING = 5,
+    OP_BEGIN = 6,
+    OP_END = 7,
+    GOODBYE = 8,
+    // master -> peer
+    WELCOME = 64,
+    TOPOLOGY = 65,
+    TOPOLOGY_COMPLETE = 66,
+    PEERS_PENDING_ANSWER = 67,
+    OP_GO = 68,
+    OP_RESULT = 69,
+    KICKED = 70,
+    MASTER_HEARTBEAT = 71,
+};
+
+// An IPv4 or IPv6 address as raw bytes (IPv4 in the first 4), family 4 or 6.
+struct IpAddress {
+    uint8_t family = 4;
+    std::array<uint8_t, 16> bytes{};
+    bool operator==(const IpAddress&) const = default;
+};
+
+struct PeerEntry {
+    uint64_t peer_id = 0;
+    uint32_t group = 0;
+    IpAddress ip;
+    uint16_t p2p_port = 0;
+    bool operator==(const PeerEntry&) const = default;
+};
+
+struct Hello { uint32_t peer_group = 0; uint16_t p2p_port = 0; };
+struct Heartbeat {};
+struct VoteUpdateTopology {};
+struct P2PReady { uint64_t epoch = 0; uint64_t unreachable_peer = 0; };
+struct VotePeersPending {};
+struct OpBegin {
+    uint64_t tag = 0;
+    uint64_t count = 0;
+    uint8_t dtype = 0;
+    uint8_t op = 0;
+    uint8_t quant_algorithm = 0;
+    uint8_t quant_dtype = 0;
+    bool operator==(const OpBegin&) const = default;
+};
+struct OpEnd { uint64_t tag = 0; uint64_t op_uid = 0; uint8_t ok = 0; uint64_t blamed_peer = 0; std::string reason; };
+struct Goodbye {};
+
+struct Welcome { uint64_t peer_id = 0; uint32_t peer_timeout_ms = 0; };
+// The whole directory, in ring order; a group's ring is the entries of that group in list order.
+struct Topology { uint64_t epoch = 0; uint8_t needs_confirm = 0; std::vector<PeerEntry> peers; };
+struct TopologyComplete { uint64_t epoch = 0; };
+struct PeersPendingAnswer { uint8_t pending = 0; };
+struct OpGo {
+    uint64_t tag = 0;
+    uint64_t op_uid = 0;
+    uint32_t rank = 0;
+    uint32_t world = 0;
+    uint64_t prev_peer = 0;
+    uint64_t next_peer = 0;
+};
+struct OpResult { uint64_t tag = 0; uint64_t op_uid = 0; uint8_t result = 0; std::string message; };
+struct Kicked { std::string reason; };
+struct MasterHeartbeat {};
+
+using Message = std::variant<Hello, Heartbeat, VoteUpdateTopology, P2PReady, VotePeersPending, OpBegin, OpEnd,
+                             Goodbye, Welcome, Topology, TopologyComplete, PeersPendingAnswer, OpGo, OpResult,
+                             Kicked, MasterHeartbeat>;
+
+MsgType type_of(const Message& m);
+const char* type_name(MsgType t);
+
+// Appends one complete frame (header + payload) to `out`.
+void encode_frame(const Message& m, std::vector<uint8_t>& out);
+
+// Decodes one payload of the given type; nullopt for an unknown type or malformed payload.
+std::optional<Message> decode_payload(uint16_t type, std::span<const uint8_t> payload);
+
+struct FrameHeader {
+    uint32_t magic = 0;
+    uint16_t version = 0;
+    uint16_t type = 0;
+    uint32_t length = 0;
+};
+FrameHeader decode_frame_header(const uint8_t* p);  // p has kFrameHeaderBytes
+
+// Incremental frame splitter for a byte stream. Feed bytes with append(); next() yields decoded
+// messages. Any violation (bad magic or version, oversized length, undecodable payload) latches an
+// error; the owner then drops the connection. Memory stays bounded by max_frame_bytes.
+class FrameParser {
+public:
+    explicit FrameParser(uint32_t max_payload_bytes) : max_payload_(max_payload_bytes) {}
+
+    // Where to write incoming bytes; room for at least `min_room` bytes.
+    std::span<uint8_t> write_space(size_t min_room);
+    void commit(size_t n) { end_ += n; }
+
+    // A decoded message, or nullopt if no complete frame is buffered (or error() is set).
+    std::optional<Message> next();
+    const std::string& error() const { return error_; }
+    bool has_error() const { return !error_.empty(); }
+
+private:
+    uint32_t max_payload_;
+    std::vector<uint8_t> buf_;
+    size_t begin_ = 0;
+    size_t end_ = 0;
+    std::string error_;
+};
+
+}  // namespace pccl::wire
