@@ -348,7 +348,8 @@ void MasterState::drop_peer(PeerId id, const std::string& reason, bool tell_peer
     if (it == peers_.end()) return;
     const Peer dropped = it->second;
     const std::string who = describe(id);
-    PCCL_LOG(WARN, "master: dropping ", who, ": ", reason);
+    if (tell_peer) PCCL_LOG(WARN, "master: dropping ", who, ": ", reason);
+    else PCCL_LOG(INFO, "master: ", who, " is gone: ", reason);
     if (tell_peer) {
         out_.send(dropped.conn, wire::Kicked{reason});
         out_.disconnect(dropped.conn, reason);

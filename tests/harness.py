@@ -1,0 +1,164 @@
+"""Real processes for the tests: a master (the CLI) and peers (tests/peer_main.py), on loopback.
+
+Every process started here is tracked and killed at the end of the test, every wait is bounded, and
+peers report what they did as JSON lines on stdout, which the test reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+TESTS = Path(__file__).resolve().parent
+PEER_MAIN = TESTS / "peer_main.py"
+DEFAULT_WAIT_S = 60.0
+
+
+class Proc:
+    """A child process whose stdout JSON lines are collected by a reader thread."""
+
+    def __init__(self, argv: list[str], name: str, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        full_env = dict(os.environ)
+        full_env.setdefault("PCCL_LOG_LEVEL", "WARN")
+        full_env["PYTHONUNBUFFERED"] = "1"
+        if env:
+            full_env.update(env)
+        # Run from the tests folder so `import pccl` finds the installed package, not the source tree.
+        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=full_env, cwd=TESTS, start_new_session=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.stderr: list[str] = []
+        self._events_lock = threading.Lock()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.raw.append(line)
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                with self._events_lock:
+                    self.events.append(event)
+            self.lines.put(line)
+
+    def _read_stderr(self) -> None:
+        assert self.popen.stderr is not None
+        for line in self.popen.stderr:
+            self.stderr.append(line)
+
+    def wait_event(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = DEFAULT_WAIT_S,
+                   start: int = 0) -> dict[str, Any]:
+        """The first event (from index `start`) matching `predicate`; fails the test after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._events_lock:
+                for event in self.events[start:]:
+                    if predicate(event):
+                        return event
+            if self.popen.poll() is not None:
+                time.sleep(0.2)  # let the reader drain the last lines
+                with self._events_lock:
+                    for event in self.events[start:]:
+                        if predicate(event):
+                            return event
+                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) without the awaited event; "
+                                     f"events={self.events[-5:]} stderr={''.join(self.stderr)[-3000:]}")
+            time.sleep(0.02)
+        raise AssertionError(f"{self.name}: timed out after {timeout}s; events={self.events[-5:]} "
+                             f"stderr={''.join(self.stderr)[-3000:]}")
+
+    def finish(self, timeout: float = DEFAULT_WAIT_S) -> list[dict[str, Any]]:
+        """Wait for a clean exit and return all events."""
+        try:
+            rc = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.name} did not finish in {timeout}s; events={self.events[-5:]} "
+                                 f"stderr={''.join(self.stderr)[-3000:]}")
+        time.sleep(0.05)
+        assert rc == 0, f"{self.name} exited with {rc}: {''.join(self.stderr)[-4000:]}"
+        return list(self.events)
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait(10)
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+class Cluster:
+    """A master and its peers for one test; `with Cluster() as c:` kills everything on the way out."""
+
+    def __init__(self, peer_timeout_s: float | None = None, listen: str = "127.0.0.1:0") -> None:
+        self.procs: list[Proc] = []
+        argv = [sys.executable, "-m", "pccl.master", "--listen-address", listen]
+        if peer_timeout_s is not None:
+            argv += ["--peer-timeout", str(peer_timeout_s)]
+        self.master = self._track(Proc(argv, "master"))
+        self.port = self._read_port()
+        host = listen.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+
+    def _track(self, p: Proc) -> Proc:
+        self.procs.append(p)
+        return p
+
+    def _read_port(self) -> int:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                line = self.master.lines.get(timeout=0.5)
+            except queue.Empty:
+                if not self.master.alive:
+                    raise AssertionError(f"master exited: {''.join(self.master.stderr)}")
+                continue
+            m = re.search(r"listening on .*:(\d+)\s*$", line)
+            if m:
+                return int(m.group(1))
+        raise AssertionError("master did not report its port")
+
+    def peer(self, scenario: str, name: str | None = None, env: dict[str, str] | None = None, **args: Any) -> Proc:
+        spec = {"scenario": scenario, "master": args.pop("master", self.address), **args}
+        label = name or f"peer[{scenario}:{args.get('index', len(self.procs))}]"
+        return self._track(Proc([sys.executable, str(PEER_MAIN), json.dumps(spec)], label, env))
+
+    def master_alive(self) -> bool:
+        return self.master.alive
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.kill()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

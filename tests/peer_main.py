@@ -1,0 +1,305 @@
+"""A peer process for the tests: `python peer_main.py '<json spec>'`.
+
+The spec names a scenario (a function below) and its arguments. Scenarios print JSON lines (events)
+that the test reads back; they exit 0 when they ran to the end, whatever the events say.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+import pccl
+from pccl import Attribute, PCCLError, ReduceOp, Result
+
+INT_DTYPES = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64"]
+FLOAT_DTYPES = ["float16", "float32", "float64"]
+ALL_DTYPES = INT_DTYPES + FLOAT_DTYPES + ["bfloat16"]
+OPS = ["SUM", "AVG", "PROD", "MAX", "MIN"]
+
+
+def emit(**event: Any) -> None:
+    event.setdefault("t", time.time())
+    print(json.dumps(event), flush=True)
+
+
+def digest(array: Any) -> str:
+    if hasattr(array, "numpy"):  # torch: hash the raw bytes, bfloat16 included
+        import torch
+        array = array.contiguous().view(torch.uint8 if array.element_size() == 1 else torch.int16
+                                        if array.element_size() == 2 else torch.int32
+                                        if array.element_size() == 4 else torch.int64).numpy()
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def local_world(comm: pccl.Communicator) -> int:
+    return comm.get_attribute(Attribute.LOCAL_WORLD_SIZE)
+
+
+def join(comm: pccl.Communicator, world: int, timeout: float = 60.0, attribute=Attribute.LOCAL_WORLD_SIZE) -> None:
+    """Pump membership (the collective pending vote) until the world has `world` peers."""
+    deadline = time.monotonic() + timeout
+    while comm.get_attribute(attribute) < world:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"world stayed at {comm.get_attribute(attribute)} < {world}")
+        if comm.are_peers_pending():
+            comm.update_topology()
+        else:
+            time.sleep(0.02)
+
+
+def connect(spec: dict[str, Any]) -> pccl.Communicator:
+    comm = pccl.Communicator(spec["master"], peer_group=spec.get("group", 0),
+                             p2p_connection_pool_size=spec.get("pool", 1))
+    comm.connect(n_attempts=spec.get("attempts", 20))
+    return comm
+
+
+# ------------------------------------------------------------------ data for the correctness matrix
+
+def make_input(dtype: str, op: str, count: int, index: int, case_id: int) -> np.ndarray:
+    """Cheap, deterministic, varied data; floats are multiples of 1/16 so sums are mostly exact."""
+    i = np.arange(count, dtype=np.int64)
+    k = (i * (7 + 2 * index) + 3 * index + case_id) % 101 - 50
+    if dtype in INT_DTYPES:
+        if op == "PROD":
+            k = k % 3 - (0 if dtype.startswith("u") else 1)
+        elif dtype.startswith("u"):
+            k = k + 50
+        return k.astype(dtype)
+    values = 1.0 + k / 128.0 if op == "PROD" else k / 16.0
+    return values.astype("float32" if dtype == "bfloat16" else dtype)
+
+
+def expected_result(dtype: str, op: str, inputs: list[np.ndarray]) -> np.ndarray:
+    n = len(inputs)
+    if dtype in INT_DTYPES:
+        acc = inputs[0].copy()
+        for x in inputs[1:]:
+            acc = {"SUM": np.add, "AVG": np.add, "PROD": np.multiply, "MAX": np.maximum, "MIN": np.minimum}[op](acc, x)
+        if op == "AVG":  # truncating integer division of the (wrapped) sum
+            wide = acc.astype(np.uint64 if dtype.startswith("u") else np.int64)
+            if dtype.startswith("u"):
+                acc = (wide // n).astype(dtype)
+            else:
+                acc = (np.sign(wide) * (np.abs(wide) // n)).astype(dtype)
+        return acc
+    xs = [x.astype(np.float64) for x in inputs]
+    if op in ("SUM", "AVG"):
+        r = np.sum(xs, axis=0)
+        return r / n if op == "AVG" else r
+    if op == "PROD":
+        return np.prod(xs, axis=0)
+    return (np.max if op == "MAX" else np.min)(xs, axis=0)
+
+
+def tolerance(dtype: str, op: str, n: int) -> float:
+    if dtype in INT_DTYPES or op in ("MAX", "MIN"):
+        return 0.0
+    return {"float16": 4e-3, "bfloat16": 3e-2, "float32": 1e-6, "float64": 1e-12}[dtype] * n
+
+
+def as_buffer(values: np.ndarray, dtype: str):
+    if dtype == "bfloat16":
+        import torch
+        return torch.from_numpy(values).to(torch.bfloat16)
+    return values
+
+
+def to_float64(buf: Any) -> np.ndarray:
+    if hasattr(buf, "numpy"):
+        return buf.float().numpy().astype(np.float64)
+    return buf.astype(np.float64)
+
+
+def scenario_matrix(spec: dict[str, Any]) -> None:
+    comm = connect(spec)
+    world, index = spec["world"], spec["index"]
+    join(comm, world)
+    dtypes = spec.get("dtypes", ALL_DTYPES)
+    if "bfloat16" in dtypes:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            dtypes = [d for d in dtypes if d != "bfloat16"]
+            emit(event="skip", what="bfloat16 needs torch")
+    case_id = 0
+    for dtype in dtypes:
+        for op in spec.get("ops", OPS):
+            for count in spec.get("counts", [0, 1, 3, 1000, 10**6 + 7]):
+                for inplace in (True, False):
+                    case_id += 1
+                    inputs = [make_input(dtype, op, count, j, case_id) for j in range(world)]
+                    mine = inputs[index]
+                    send = as_buffer(mine.copy(), dtype)
+                    recv = send if inplace else as_buffer(np.zeros_like(mine), dtype)
+                    info = comm.all_reduce(send, recv, op=getattr(ReduceOp, op), tag=case_id % 7)
+                    want = expected_result(dtype, op, [as_buffer(x, dtype) if False else x for x in inputs])
+                    if dtype == "bfloat16":  # the inputs themselves were rounded to bfloat16
+                        want = expected_result("float64", op, [to_float64(as_buffer(x, dtype)) for x in inputs])
+                    got = recv
+                    if dtype in INT_DTYPES:
+                        ok = bool(np.array_equal(got, want))
+                        err = 0.0 if ok else float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+                    else:
+                        g = to_float64(got)
+                        err = float(np.max(np.abs(g - want) / np.maximum(1.0, np.abs(want)))) if count else 0.0
+                        ok = err <= tolerance(dtype, op, world)
+                    send_intact = True
+                    if not inplace:
+                        send_intact = bool(np.array_equal(to_float64(send), to_float64(as_buffer(mine, dtype))))
+                    emit(case=f"{dtype}/{op}/{count}/{'in' if inplace else 'out'}", ok=ok and send_intact,
+                         err=err, send_intact=send_intact, digest=digest(got), world=info.local_world_size,
+                         tx=info.tx_bytes, rx=info.rx_bytes)
+    comm.close()
+    emit(event="done")
+
+
+# ------------------------------------------------------------------ training-loop style scenarios
+
+def scenario_loop(spec: dict[str, Any]) -> None:
+    """all_reduce in a loop with the membership pump and retries, like a training loop.
+
+    Every peer contributes index+1 everywhere, so a result tells which peers took part. Ends after
+    `ops` successes, when left alone for `alone_grace` seconds, or after `max_seconds`.
+    """
+    comm = connect(spec)
+    emit(event="connected", world=local_world(comm))
+    join(comm, spec.get("world", 2), attribute=Attribute.LOCAL_WORLD_SIZE)
+    count = spec.get("count", 1 << 20)
+    index = spec["index"]
+    ops, successes = spec.get("ops", 50), 0
+    started = time.monotonic()
+    last_success = time.monotonic()
+    while successes < ops and time.monotonic() - started < spec.get("max_seconds", 60):
+        try:
+            if comm.are_peers_pending():
+                comm.update_topology()
+            world = local_world(comm)
+            if world < 2:
+                if time.monotonic() - last_success > spec.get("alone_grace", 5):
+                    emit(event="alone")
+                    break
+                time.sleep(0.05)
+                continue
+            x = np.full(count, index + 1, dtype=np.float32)
+            y = x if spec.get("inplace", True) else np.empty_like(x)
+            t0 = time.time()
+            info = comm.all_reduce(x, y, tag=successes)
+            successes += 1
+            last_success = time.monotonic()
+            emit(event="op", ok=True, world=info.local_world_size, value=float(y[0]),
+                 uniform=bool(np.all(y == y[0])), seconds=time.time() - t0, n=successes)
+            if spec.get("pause"):
+                time.sleep(spec["pause"])
+        except PCCLError as e:
+            emit(event="fail", code=e.result.value, result=e.result.name, message=str(e),
+                 world=_safe_world(comm))
+            if e.result in (Result.MASTER_CONNECTION_FAILED, Result.NOT_INITIALIZED):
+                if not spec.get("rejoin", False):
+                    break
+                comm.close()
+                comm = connect(spec)
+                emit(event="rejoined", world=local_world(comm))
+            elif e.result == Result.TOO_FEW_PEERS:
+                time.sleep(0.05)
+        if spec.get("leave_after") and successes >= spec["leave_after"]:
+            emit(event="leaving")
+            break
+    comm.close()
+    emit(event="done", successes=successes)
+
+
+def _safe_world(comm: pccl.Communicator) -> int:
+    try:
+        return local_world(comm)
+    except PCCLError:
+        return 0
+
+
+def scenario_mismatch(spec: dict[str, Any]) -> None:
+    """Each peer passes its own (count, dtype, op); reports the outcome, then a matching op."""
+    comm = connect(spec)
+    join(comm, spec["world"])
+    x = np.ones(spec["count"], dtype=spec["dtype"])
+    y = np.zeros_like(x)
+    try:
+        comm.all_reduce(x, y, op=getattr(ReduceOp, spec["op"]), tag=7)
+        emit(event="mismatch", ok=True)
+    except PCCLError as e:
+        emit(event="mismatch", ok=False, result=e.result.name, message=str(e), y_untouched=bool(np.all(y == 0)))
+    x = np.ones(100, dtype=np.float32)
+    comm.all_reduce(x, x, tag=8)
+    emit(event="after", value=float(x[0]), world=local_world(comm))
+    comm.close()
+
+
+def scenario_groups(spec: dict[str, Any]) -> None:
+    comm = connect(spec)
+    join(comm, spec["global_world"], attribute=Attribute.GLOBAL_WORLD_SIZE)
+    x = np.full(1000, spec["index"] + 1, dtype=np.int64)
+    comm.all_reduce(x, x)
+    emit(event="groups", value=int(x[0]), uniform=bool(np.all(x == x[0])),
+         **{a.name: comm.get_attribute(a) for a in Attribute})
+    # Stay until every group is done: leaving early would shrink the other group's vote.
+    time.sleep(spec.get("linger", 1.0))
+    comm.close()
+
+
+def scenario_idle(spec: dict[str, Any]) -> None:
+    """Joins and then sits in time.sleep, never calling a collective (a partner that stalls)."""
+    comm = connect(spec)
+    join(comm, spec["world"])
+    emit(event="joined")
+    time.sleep(spec.get("seconds", 60))
+    comm.close()
+
+
+def scenario_interrupt(spec: dict[str, Any]) -> None:
+    """Blocks in all_reduce (the partner never joins the op) until SIGINT; counts on another thread."""
+    comm = connect(spec)
+    join(comm, spec["world"])
+    ticks = [0]
+    stop = threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0.01)
+
+    threading.Thread(target=count, daemon=True).start()
+    x = np.arange(1000, dtype=np.float32)
+    before = x.copy()
+    emit(event="blocking")
+    t0 = time.time()
+    try:
+        comm.all_reduce(x, x)
+        emit(event="returned")
+    except KeyboardInterrupt:
+        emit(event="interrupted", t_interrupt=time.time(), ticks=ticks[0], blocked_for=time.time() - t0,
+             buffer_intact=bool(np.array_equal(x, before)))
+    stop.set()
+    comm.close()
+
+
+SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    try:
+        SCENARIOS[spec["scenario"]](spec)
+    except Exception as e:  # report, then fail the process so the test sees it
+        emit(event="error", error=repr(e))
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Correctness of every dtype x op against numpy, for world sizes 2, 3 and 5, counts 0 to 10^6+7,
+in place and out of place, pool sizes 1 and 4; and bit-identical results on every peer."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+MATRIX_TIMEOUT_S = 600
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+@pytest.mark.parametrize("pool", [1, 4])
+def test_matrix(cluster, world, pool):
+    c = cluster()
+    peers = [c.peer("matrix", index=i, world=world, pool=pool) for i in range(world)]
+    results = [p.finish(timeout=MATRIX_TIMEOUT_S) for p in peers]
+    digests: dict[str, set[str]] = defaultdict(set)
+    cases = 0
+    for events in results:
+        for e in events:
+            if "case" not in e:
+                continue
+            cases += 1
+            assert e["ok"], f"wrong result: {e}"
+            assert e["world"] == world
+            digests[e["case"]].add(e["digest"])
+    assert cases > 0 and cases % world == 0
+    differing = {case: d for case, d in digests.items() if len(d) != 1}
+    assert not differing, f"peers disagree bit-wise on {differing}"
