@@ -106,16 +106,20 @@ def tolerance(dtype: str, op: str, n: int) -> float:
     return {"float16": 4e-3, "bfloat16": 3e-2, "float32": 1e-6, "float64": 1e-12}[dtype] * n
 
 
-def as_buffer(values: np.ndarray, dtype: str):
+def as_buffer(values: np.ndarray, dtype: str, backend: str = "numpy"):
     if dtype == "bfloat16":
         import torch
         return torch.from_numpy(values).to(torch.bfloat16)
+    if backend == "torch":
+        import torch
+        return torch.from_numpy(values)
     return values
 
 
 def to_float64(buf: Any) -> np.ndarray:
     if hasattr(buf, "numpy"):
-        return buf.float().numpy().astype(np.float64)
+        import torch
+        return buf.to(torch.float64).numpy()
     return buf.astype(np.float64)
 
 
@@ -138,13 +142,14 @@ def scenario_matrix(spec: dict[str, Any]) -> None:
                     case_id += 1
                     inputs = [make_input(dtype, op, count, j, case_id) for j in range(world)]
                     mine = inputs[index]
-                    send = as_buffer(mine.copy(), dtype)
-                    recv = send if inplace else as_buffer(np.zeros_like(mine), dtype)
+                    send = as_buffer(mine.copy(), dtype, spec.get("backend", "numpy"))
+                    recv = send if inplace else as_buffer(np.zeros_like(mine), dtype, spec.get("backend", "numpy"))
                     info = comm.all_reduce(send, recv, op=getattr(ReduceOp, op), tag=case_id % 7)
-                    want = expected_result(dtype, op, [as_buffer(x, dtype) if False else x for x in inputs])
                     if dtype == "bfloat16":  # the inputs themselves were rounded to bfloat16
                         want = expected_result("float64", op, [to_float64(as_buffer(x, dtype)) for x in inputs])
-                    got = recv
+                    else:
+                        want = expected_result(dtype, op, inputs)
+                    got = recv.numpy() if hasattr(recv, "numpy") and dtype != "bfloat16" else recv
                     if dtype in INT_DTYPES:
                         ok = bool(np.array_equal(got, want))
                         err = 0.0 if ok else float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
@@ -154,7 +159,7 @@ def scenario_matrix(spec: dict[str, Any]) -> None:
                         ok = err <= tolerance(dtype, op, world)
                     send_intact = True
                     if not inplace:
-                        send_intact = bool(np.array_equal(to_float64(send), to_float64(as_buffer(mine, dtype))))
+                        send_intact = bool(np.array_equal(to_float64(send), to_float64(as_buffer(mine, dtype, "numpy"))))
                     emit(case=f"{dtype}/{op}/{count}/{'in' if inplace else 'out'}", ok=ok and send_intact,
                          err=err, send_intact=send_intact, digest=digest(got), world=info.local_world_size,
                          tx=info.tx_bytes, rx=info.rx_bytes)
@@ -178,7 +183,10 @@ def scenario_loop(spec: dict[str, Any]) -> None:
     ops, successes = spec.get("ops", 50), 0
     started = time.monotonic()
     last_success = time.monotonic()
+    stop_file = spec.get("stop_file")
     while successes < ops and time.monotonic() - started < spec.get("max_seconds", 60):
+        if stop_file and os.path.exists(stop_file):
+            break
         try:
             if comm.are_peers_pending():
                 comm.update_topology()
@@ -192,7 +200,7 @@ def scenario_loop(spec: dict[str, Any]) -> None:
             x = np.full(count, index + 1, dtype=np.float32)
             y = x if spec.get("inplace", True) else np.empty_like(x)
             t0 = time.time()
-            info = comm.all_reduce(x, y, tag=successes)
+            info = comm.all_reduce(x, y)  # one tag: ops of a step must use the same tag on every peer
             successes += 1
             last_success = time.monotonic()
             emit(event="op", ok=True, world=info.local_world_size, value=float(y[0]),
@@ -236,8 +244,8 @@ def scenario_mismatch(spec: dict[str, Any]) -> None:
     except PCCLError as e:
         emit(event="mismatch", ok=False, result=e.result.name, message=str(e), y_untouched=bool(np.all(y == 0)))
     x = np.ones(100, dtype=np.float32)
-    comm.all_reduce(x, x, tag=8)
-    emit(event="after", value=float(x[0]), world=local_world(comm))
+    info = comm.all_reduce(x, x, tag=8)
+    emit(event="after", value=float(x[0]), world=info.local_world_size)
     comm.close()
 
 

@@ -169,7 +169,7 @@ void MasterState::on_vote_update(Peer& p) {
 void MasterState::check_update_votes() {
     if (ring_.empty() || round_active_) return;
     for (PeerId id : ring_)
-        if (!peers_.at(id).voted_update) return;
+        if (!peers_.at(id).voted_update) return resolve_stalemate();
     if (pending_order_.empty()) {
         // Nobody to admit: the vote completes at once and the ring stays as it is.
         for (PeerId id : ring_) {
@@ -220,11 +220,55 @@ void MasterState::on_vote_pending(Peer& p) {
 void MasterState::check_pending_votes() {
     if (ring_.empty()) return;
     for (PeerId id : ring_)
-        if (!peers_.at(id).voted_pending) return;
+        if (!peers_.at(id).voted_pending) return resolve_stalemate();
     const uint8_t pending = pending_order_.empty() ? 0 : 1;
     for (PeerId id : ring_) {
         peers_.at(id).voted_pending = false;
         send_to(id, wire::PeersPendingAnswer{pending});
+    }
+}
+
+// Membership calls and collective ops of one step must line up across peers, but a peer that was
+// just admitted (or a loop written another way) can arrive at a different call: it votes
+// are_peers_pending while the others already wait in an all-reduce that needs it. When every
+// accepted peer is blocked and the votes cannot complete, the peers blocked in operations have moved
+// past the membership point of this step, so the voters are let through: are_peers_pending answers
+// "no" and update_topology completes without change. Peers asked "pending?" while others voted for
+// an update are answered "yes", which makes them vote for it too.
+void MasterState::resolve_stalemate() {
+    if (ring_.empty() || round_active_) return;
+    std::set<PeerId> waiting_in_op;
+    for (const auto& [key, rec] : ops_)
+        if (!rec.started && rec.poison.empty()) waiting_in_op.insert(rec.begun.begin(), rec.begun.end());
+    bool any_pending_vote = false, any_update_vote = false, any_only_in_op = false;
+    for (PeerId id : ring_) {
+        const Peer& p = peers_.at(id);
+        const bool in_op = waiting_in_op.contains(id);
+        if (!p.voted_pending && !p.voted_update && !in_op) return;  // someone is still working: wait
+        any_pending_vote |= p.voted_pending;
+        any_update_vote |= p.voted_update;
+        any_only_in_op |= in_op && !p.voted_pending && !p.voted_update;
+    }
+    if (any_only_in_op) {
+        PCCL_LOG(INFO, "master: membership votes meet peers waiting in an operation; letting the voters through");
+        for (PeerId id : ring_) {
+            Peer& p = peers_.at(id);
+            if (p.voted_pending) {
+                p.voted_pending = false;
+                send_to(id, wire::PeersPendingAnswer{0});
+            }
+            if (p.voted_update) {
+                p.voted_update = false;
+                send_to(id, wire::TopologyComplete{epoch_});
+            }
+        }
+    } else if (any_pending_vote && any_update_vote) {
+        for (PeerId id : ring_) {
+            Peer& p = peers_.at(id);
+            if (!p.voted_pending) continue;
+            p.voted_pending = false;
+            send_to(id, wire::PeersPendingAnswer{1});
+        }
     }
 }
 
@@ -261,6 +305,7 @@ void MasterState::on_op_begin(Peer& p, const wire::OpBegin& m) {
         for (PeerId id : rec.begun) answer_op(rec, key, id, static_cast<uint8_t>(Result::INVALID_ARGUMENT), rec.poison);
     }
     check_op_start(key);
+    resolve_stalemate();
 }
 
 void MasterState::answer_op(OpRecord& rec, const OpKey& key, PeerId peer, uint8_t result, const std::string& message) {

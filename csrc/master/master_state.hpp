@@ -101,6 +101,7 @@ private:
     void check_update_votes();
     void check_round_complete();
     void check_pending_votes();
+    void resolve_stalemate();
     void check_op_start(const OpKey& key);
     void check_all_ops(uint32_t group);
     void finish_op(const OpKey& key, uint8_t result, const std::string& message);

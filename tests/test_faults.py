@@ -1,0 +1,154 @@
+"""Membership and failure semantics with real processes: kills, hangs, joins, leaves, mismatches."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+# A float32 tensor this large keeps each all-reduce busy for tens of milliseconds on loopback, so a
+# kill almost always lands in the middle of the ring's data transfer.
+BIG = 8 << 20
+
+
+def ops_of(proc, **match):
+    return [e for e in proc.events if e.get("event") == "op" and all(e.get(k) == v for k, v in match.items())]
+
+
+def test_sigkill_mid_operation_survivors_fail_fast_then_retry(cluster):
+    c = cluster()
+    peers = [c.peer("loop", index=i, world=3, count=BIG, ops=10**6, max_seconds=60) for i in range(3)]
+    for p in peers:
+        p.wait_event(lambda e: e.get("event") == "op" and e["n"] >= 3)
+    t_kill = time.time()
+    peers[2].kill()
+    for p in peers[:2]:
+        # The retry on the shrunken ring succeeds: only peers 0 and 1 (1 + 2) contribute, and the
+        # in-place buffer was restored before the retry (or the sum would be off).
+        after = p.wait_event(lambda e: e.get("event") == "op" and e["t"] > t_kill and e["world"] == 2, timeout=30)
+        assert after["value"] == 3.0 and after["uniform"], after
+        fails = [e for e in p.events if e.get("event") == "fail" and e["t"] > t_kill]
+        for f in fails:
+            assert f["result"] == "RANK_CONNECTION_LOST", f
+            print(f"{p.name}: failed {1000 * (f['t'] - t_kill):.1f} ms after the kill")
+            assert f["t"] - t_kill < 2.0, "a dead peer must fail the op at once, not after a deadline"
+        assert len(fails) <= 1
+        # Once on the 2-ring, every result is exactly 1 + 2.
+        assert all(e["value"] == 3.0 for e in ops_of(p, world=2))
+
+
+def test_sigstop_peer_is_dropped_by_deadline_and_rejoins(cluster, tmp_path):
+    c = cluster(peer_timeout_s=2)
+    stop = tmp_path / "stop"
+    peers = [c.peer("loop", index=i, world=3, count=1 << 16, ops=10**6, max_seconds=90, rejoin=True,
+                    stop_file=str(stop), pause=0.01) for i in range(3)]
+    for p in peers:
+        p.wait_event(lambda e: e.get("event") == "op" and e["n"] >= 3)
+    t_stop = time.time()
+    peers[2].signal(signal.SIGSTOP)
+    for p in peers[:2]:
+        e = p.wait_event(lambda e: e.get("event") == "op" and e["t"] > t_stop and e["world"] == 2, timeout=20)
+        assert e["value"] == 3.0
+        print(f"{p.name}: carried on {e['t'] - t_stop:.2f} s after SIGSTOP (deadline 2 s)")
+        assert e["t"] - t_stop > 1.5, "the peer must be given its deadline"
+    t_cont = time.time()
+    peers[2].signal(signal.SIGCONT)
+    kicked = peers[2].wait_event(lambda e: e.get("event") == "fail" and e["t"] > t_cont, timeout=20)
+    assert kicked["result"] == "MASTER_CONNECTION_FAILED" and "dropped" in kicked["message"], kicked
+    peers[2].wait_event(lambda e: e.get("event") == "rejoined", timeout=20)
+    for p in peers:
+        e = p.wait_event(lambda e: e.get("event") == "op" and e["t"] > t_cont and e["world"] == 3, timeout=30)
+        assert e["value"] == 6.0 and e["uniform"]
+    stop.touch()
+
+
+def test_peer_joins_mid_run(cluster, tmp_path):
+    c = cluster()
+    stop = tmp_path / "stop"
+    first = [c.peer("loop", index=i, world=2, count=1000, ops=10**6, max_seconds=60, stop_file=str(stop),
+                    pause=0.01) for i in range(2)]
+    for p in first:
+        p.wait_event(lambda e: e.get("event") == "op" and e["n"] >= 5)
+    late = c.peer("loop", index=2, world=3, count=1000, ops=10**6, max_seconds=60, stop_file=str(stop), pause=0.01)
+    for p in first + [late]:
+        e = p.wait_event(lambda e: e.get("event") == "op" and e["world"] == 3, timeout=30)
+        assert e["value"] == 6.0 and e["uniform"]
+    for p in first:
+        assert not [e for e in p.events if e.get("event") == "fail"], "a join must not fail anyone's op"
+    stop.touch()
+    for p in first + [late]:
+        p.finish(timeout=30)
+
+
+def test_graceful_leave_does_not_fail_the_others(cluster, tmp_path):
+    c = cluster()
+    stop = tmp_path / "stop"
+    peers = [c.peer("loop", index=i, world=3, count=1000, ops=10**6, max_seconds=60, stop_file=str(stop),
+                    leave_after=(5 if i == 2 else None)) for i in range(3)]
+    peers[2].wait_event(lambda e: e.get("event") == "leaving")
+    peers[2].finish(timeout=30)
+    for p in peers[:2]:
+        e = p.wait_event(lambda e: e.get("event") == "op" and e["world"] == 2, timeout=30)
+        assert e["value"] == 3.0
+        assert not [e for e in p.events if e.get("event") == "fail"], p.events
+    stop.touch()
+
+
+@pytest.mark.parametrize("field,values", [
+    ("count", (10, 12)),
+    ("dtype", ("float32", "float64")),
+    ("op", ("SUM", "MAX")),
+])
+def test_mismatched_arguments_fail_everyone_cleanly(cluster, field, values):
+    c = cluster()
+    base = {"count": 10, "dtype": "float32", "op": "SUM"}
+    peers = [c.peer("mismatch", index=i, world=2, **{**base, field: values[i]}) for i in range(2)]
+    for p in peers:
+        e = p.wait_event(lambda e: e.get("event") == "mismatch", timeout=30)
+        assert not e["ok"] and e["result"] == "INVALID_ARGUMENT", e
+        assert "different arguments" in e["message"] and e["y_untouched"], e
+        after = p.wait_event(lambda e: e.get("event") == "after", timeout=30)
+        assert after["value"] == 2.0 and after["world"] == 2
+        p.finish(timeout=30)
+
+
+def test_peer_groups_reduce_separately(cluster):
+    c = cluster()
+    peers = [c.peer("groups", index=i, group=i // 2, global_world=4, linger=2.0) for i in range(4)]
+    for i, p in enumerate(peers):
+        e = p.wait_event(lambda e: e.get("event") == "groups", timeout=60)
+        assert e["value"] == (3 if i < 2 else 7) and e["uniform"], e
+        assert e["GLOBAL_WORLD_SIZE"] == 4 and e["LOCAL_WORLD_SIZE"] == 2
+        assert e["NUM_DISTINCT_PEER_GROUPS"] == 2 and e["LARGEST_PEER_GROUP_WORLD_SIZE"] == 2
+    for p in peers:
+        p.finish(timeout=30)
+
+
+def test_ctrl_c_interrupts_a_blocked_all_reduce(cluster):
+    c = cluster()
+    blocked = c.peer("interrupt", index=0, world=2)
+    c.peer("idle", index=1, world=2, seconds=60)
+    blocked.wait_event(lambda e: e.get("event") == "blocking", timeout=30)
+    time.sleep(0.5)
+    t_sig = time.time()
+    blocked.signal(signal.SIGINT)
+    e = blocked.wait_event(lambda e: e.get("event") == "interrupted", timeout=10)
+    assert e["t_interrupt"] - t_sig < 1.0, "Ctrl-C must interrupt a blocked call within a second"
+    assert e["ticks"] >= 20, "other Python threads must run while all_reduce blocks (GIL released)"
+    assert e["buffer_intact"]
+    blocked.finish(timeout=30)
+
+
+def test_alone_gets_too_few_peers(cluster):
+    import numpy as np
+    import pccl
+    c = cluster()
+    with pccl.Communicator(c.address) as comm:
+        comm.connect()
+        x = np.ones(4, dtype=np.float32)
+        with pytest.raises(pccl.PCCLError) as info:
+            comm.all_reduce(x, x)
+        assert info.value.result == pccl.Result.TOO_FEW_PEERS
+        assert np.all(x == 1)
