@@ -199,6 +199,8 @@ def scenario_loop(spec: dict[str, Any]) -> None:
                 continue
             x = np.full(count, index + 1, dtype=np.float32)
             y = x if spec.get("inplace", True) else np.empty_like(x)
+            if spec.get("die_mid_op_after") is not None and successes >= spec["die_mid_op_after"]:
+                die_mid_op(comm, x)
             t0 = time.time()
             info = comm.all_reduce(x, y)  # one tag: ops of a step must use the same tag on every peer
             successes += 1
@@ -223,6 +225,16 @@ def scenario_loop(spec: dict[str, Any]) -> None:
             break
     comm.close()
     emit(event="done", successes=successes)
+
+
+def die_mid_op(comm: pccl.Communicator, x: np.ndarray) -> None:
+    """SIGKILL this process once the ring's data is flowing through it (a kill at a known moment)."""
+    recv = np.full_like(x, np.nan)
+    comm.all_reduce_async(x, recv)
+    while np.isnan(recv[::4096]).all():
+        time.sleep(0.0002)
+    emit(event="dying")
+    os.kill(os.getpid(), 9)
 
 
 def _safe_world(comm: pccl.Communicator) -> int:
