@@ -309,6 +309,25 @@ def scenario_interrupt(spec: dict[str, Any]) -> None:
     comm.close()
 
 
+def scenario_cuda(spec: dict[str, Any]) -> None:
+    """CUDA tensors, in place and out of place, checked against the expected sum."""
+    import torch
+    comm = connect(spec)
+    join(comm, spec["world"])
+    index, world = spec["index"], spec["world"]
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        x = torch.full((100_003,), index + 1, dtype=dtype, device="cuda")
+        comm.all_reduce(x, x)
+        y = torch.empty_like(x)
+        z = torch.full((100_003,), index + 1, dtype=dtype, device="cuda")
+        comm.all_reduce(z, y)
+        want = world * (world + 1) // 2
+        ok &= bool((x == want).all().item()) and bool((y == want).all().item())
+    emit(event="cuda", ok=ok)
+    comm.close()
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
