@@ -309,6 +309,33 @@ def scenario_interrupt(spec: dict[str, Any]) -> None:
     comm.close()
 
 
+def scenario_multi(spec: dict[str, Any]) -> None:
+    """all_reduce_multiple_with_retry over many tensors; the victim kills itself mid-flight."""
+    from pccl import (DataType, QuantizationAlgorithm, QuantizationOptions, ReduceDescriptor, ReduceOpDescriptor,
+                      ReduceOperandDescriptor)
+    comm = connect(spec)
+    join(comm, spec["world"])
+    index = spec["index"]
+    tensors = [np.full(spec.get("count", 1 << 20), index + 1, dtype=np.float32) for _ in range(spec.get("pieces", 8))]
+    descriptors = [
+        ReduceOpDescriptor.from_numpy(t, t, ReduceDescriptor(t.size, ReduceOp.SUM, i,
+                                                             ReduceOperandDescriptor(DataType.FLOAT),
+                                                             QuantizationOptions(algorithm=QuantizationAlgorithm.NONE)))
+        for i, t in enumerate(tensors)
+    ]
+    if spec.get("die"):
+        def watch() -> None:
+            while all(t[0] == index + 1 for t in tensors):
+                time.sleep(0.0002)
+            emit(event="dying")
+            os.kill(os.getpid(), 9)
+        threading.Thread(target=watch, daemon=True).start()
+    info = comm.all_reduce_multiple_with_retry(descriptors, max_in_flight=spec.get("max_in_flight", 4))
+    emit(event="multi", values=[float(t[0]) for t in tensors], uniform=[bool(np.all(t == t[0])) for t in tensors],
+         digests=[digest(t) for t in tensors], world=info.local_world_size)
+    comm.close()
+
+
 def scenario_cuda(spec: dict[str, Any]) -> None:
     """CUDA tensors, in place and out of place, checked against the expected sum."""
     import torch

@@ -150,3 +150,16 @@ def test_alone_gets_too_few_peers(cluster):
             comm.all_reduce(x, x)
         assert info.value.result == pccl.Result.TOO_FEW_PEERS
         assert np.all(x == 1)
+
+
+def test_all_reduce_multiple_with_retry_finishes_every_piece_on_the_surviving_ring(cluster):
+    c = cluster()
+    peers = [c.peer("multi", index=i, world=3, count=1 << 20, pieces=8, die=(i == 2)) for i in range(3)]
+    peers[2].wait_event(lambda e: e.get("event") == "dying")
+    results = [p.wait_event(lambda e: e.get("event") == "multi", timeout=60) for p in peers[:2]]
+    for r in results:
+        assert all(r["uniform"]), r
+        # Pieces finished before the kill hold 1+2+3, the ones retried on the 2-ring hold 1+2.
+        assert set(r["values"]) <= {6.0, 3.0}, r
+        assert 3.0 in r["values"], "the piece in flight when the peer died must have been retried"
+    assert results[0]["digests"] == results[1]["digests"], "survivors must agree bit for bit"
