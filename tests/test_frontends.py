@@ -97,3 +97,16 @@ def test_unreachable_master_is_reported_after_the_attempts():
         comm.connect(n_attempts=2)
     assert info.value.result == pccl.Result.MASTER_CONNECTION_FAILED
     assert "2 attempts" in str(info.value)
+
+
+def test_dual_stack_master_publishes_ipv4_peers_as_ipv4(cluster):
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::", 0))
+    except OSError:
+        pytest.skip("no IPv6 on this machine")
+    c = cluster(listen="[::]:0")
+    peers = [c.peer("loop", index=i, world=2, count=5000, ops=3, master=f"127.0.0.1:{c.port}") for i in range(2)]
+    for p in peers:
+        ops = [e for e in p.finish(timeout=60) if e.get("event") == "op"]
+        assert len(ops) == 3 and all(e["value"] == 3.0 for e in ops)

@@ -38,8 +38,14 @@ wire::IpAddress Endpoint::ip() const {
         ip.family = 4;
         std::memcpy(ip.bytes.data(), &reinterpret_cast<const sockaddr_in&>(storage).sin_addr, 4);
     } else {
-        ip.family = 6;
-        std::memcpy(ip.bytes.data(), &reinterpret_cast<const sockaddr_in6&>(storage).sin6_addr, 16);
+        const auto& addr = reinterpret_cast<const sockaddr_in6&>(storage).sin6_addr;
+        if (IN6_IS_ADDR_V4MAPPED(&addr)) {  // a dual-stack master saw an IPv4 peer: publish it as IPv4
+            ip.family = 4;
+            std::memcpy(ip.bytes.data(), reinterpret_cast<const uint8_t*>(&addr) + 12, 4);
+        } else {
+            ip.family = 6;
+            std::memcpy(ip.bytes.data(), &addr, 16);
+        }
     }
     return ip;
 }
