@@ -85,11 +85,9 @@ std::shared_ptr<ReduceHandle> Communicator::all_reduce_async(const ReduceRequest
         return reject(Result::INVALID_ARGUMENT, "send and recv buffers partially overlap; pass the same buffer for in-place");
     auto session = current_session();
     if (!session) return reject(Result::NOT_INITIALIZED, "not connected: call connect() first");
-    if (h->in_place) {
-        // The one extra copy: it lets a failed op put the caller's input back bit for bit.
-        h->backup = scratch_->take(bytes);
-        std::memcpy(h->backup.data.get(), request.send, bytes);
-    }
+    // In place, the ring saves each piece of the input here before overwriting it: the one extra
+    // copy, which lets a failed op put the caller's buffer back bit for bit.
+    if (h->in_place) h->backup = scratch_->take(bytes);
     session->submit(h);
     return h;
 }

@@ -348,8 +348,9 @@ void Session::on_go(const wire::OpGo& go) {
         return;
     }
     ring::RingAllReduce::Params p;
-    p.send = static_cast<const uint8_t*>(h->in_place ? h->backup.data.get() : h->request.send);
+    p.send = h->in_place ? nullptr : static_cast<const uint8_t*>(h->request.send);
     p.recv = static_cast<uint8_t*>(h->request.recv);
+    p.backup = h->in_place ? h->backup.data.get() : nullptr;
     p.count = h->request.count;
     p.dtype = h->request.dtype;
     p.op = h->request.op;
@@ -404,8 +405,8 @@ void Session::finish_op(const std::shared_ptr<ReduceHandle>& h, Status status) {
 }
 
 void Session::restore_input(ReduceHandle& h) {
-    if (!h.recv_written || !h.in_place || !h.backup.data) return;
-    std::memcpy(h.request.recv, h.backup.data.get(), h.request.count * element_size(h.request.dtype));
+    if (!h.recv_written || !h.ring) return;
+    h.ring->restore_input();
     h.recv_written = false;
 }
 

@@ -1,6 +1,7 @@
 #include "net/socket.hpp"
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 
 #include <fcntl.h>
@@ -34,9 +35,18 @@ void tune_control_socket(int fd) {
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
 }
 
+int data_socket_buffer_bytes() {
+    static const int bytes = [] {
+        if (const char* env = std::getenv("PCCL_SOCKET_BUFFER_BYTES")) return static_cast<int>(std::strtol(env, nullptr, 10));
+        return limits::kSocketBufferBytes;
+    }();
+    return bytes;
+}
+
 void tune_data_socket(int fd) {
     tune_control_socket(fd);
-    int bytes = limits::kSocketBufferBytes;
+    int bytes = data_socket_buffer_bytes();
+    if (bytes <= 0) return;  // 0: leave the kernel's autotuning on
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes));
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes));
 }

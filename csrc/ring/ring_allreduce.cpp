@@ -1,6 +1,7 @@
 #include "ring/ring_allreduce.hpp"
 
 #include <algorithm>
+#include <cstring>
 
 #include "common/limits.hpp"
 #include "kernels/reduce.hpp"
@@ -21,6 +22,7 @@ RingAllReduce::RingAllReduce(const Params& p)
     const uint64_t n = plan_.total_pieces();
     seen_[0].assign(n, 0);
     seen_[1].assign(n, 0);
+    if (in_place()) saved_.assign(n, 0);
     // Reduce-scatter brings every chunk but our own; all-gather every chunk but the one we own.
     pieces_left_ = (n - plan_.pieces_in_chunk(my_chunk())) + (n - plan_.pieces_in_chunk(owned_chunk()));
 }
@@ -30,7 +32,9 @@ void RingAllReduce::start(PieceSink& sink) {
     const uint64_t end = plan_.chunk_end(c);
     for (uint64_t off = plan_.chunk_begin(c); off < end; off += plan_.piece_elems()) {
         const uint64_t n = std::min(plan_.piece_elems(), end - off);
-        sink.send_piece(wire::RingPhase::REDUCE_SCATTER, off, n, p_.send + off * elem_);
+        // In place this reads the caller's buffer, which keeps these pieces until they come back
+        // around in all-gather, after the next peer has received them.
+        sink.send_piece(wire::RingPhase::REDUCE_SCATTER, off, n, in_place() ? p_.recv + off * elem_ : p_.send + off * elem_);
     }
 }
 
@@ -56,7 +60,26 @@ uint8_t* RingAllReduce::accept_piece(wire::RingPhase phase, uint64_t offset, uin
         return nullptr;
     }
     seen = 1;
-    return p_.recv + offset * elem_;
+    uint8_t* dest = p_.recv + offset * elem_;
+    if (in_place() && !saved_[static_cast<size_t>(index)]) {
+        std::memcpy(p_.backup + offset * elem_, dest, bytes);
+        saved_[static_cast<size_t>(index)] = 1;
+    }
+    return dest;
+}
+
+void RingAllReduce::restore_input() {
+    if (!in_place()) return;
+    for (uint32_t c = 0; c < p_.world; ++c) {
+        const uint64_t end = plan_.chunk_end(c);
+        for (uint64_t off = plan_.chunk_begin(c); off < end; off += plan_.piece_elems()) {
+            const uint64_t n = std::min(plan_.piece_elems(), end - off);
+            auto& saved = saved_[static_cast<size_t>(plan_.piece_index(off, n))];
+            if (!saved) continue;
+            std::memcpy(p_.recv + off * elem_, p_.backup + off * elem_, n * elem_);
+            saved = 0;
+        }
+    }
 }
 
 void RingAllReduce::on_piece_received(PieceSink& sink, wire::RingPhase phase, uint64_t offset, uint32_t bytes) {
@@ -67,10 +90,10 @@ void RingAllReduce::on_piece_received(PieceSink& sink, wire::RingPhase phase, ui
     if (phase == wire::RingPhase::REDUCE_SCATTER) {
         if (c == owned_chunk()) {
             // Last hop: this value is final. It is computed here and nowhere else.
-            kernels::reduce_finalize(p_.dtype, p_.op, data, p_.send + offset * elem_, n, p_.world);
+            kernels::reduce_finalize(p_.dtype, p_.op, data, input_at(offset), n, p_.world);
             sink.send_piece(wire::RingPhase::ALL_GATHER, offset, n, data);
         } else {
-            kernels::reduce_into(p_.dtype, p_.op, data, p_.send + offset * elem_, n);
+            kernels::reduce_into(p_.dtype, p_.op, data, input_at(offset), n);
             sink.send_piece(wire::RingPhase::REDUCE_SCATTER, offset, n, data);
         }
     } else if (c != chunk_owned_by_next()) {

@@ -4,8 +4,10 @@
 // forwards it verbatim. Each reduced value is computed exactly once, hence bit-identical results.
 //
 // Peer `rank` sends chunk `rank` first; the piece of chunk c is owned (fully reduced) at peer c-1.
-// Buffers: `send` is never written; `recv` receives every piece in place (no staging). For an
-// in-place call the communicator passes a private copy of the input as `send`.
+// Buffers: `send` is never written; `recv` receives every piece in place (no staging). In place
+// (`send` null, `backup` given), each piece of the caller's buffer is copied to `backup` just before
+// its first overwrite: the copy is spread over the op and cache-hot for the reduce that follows,
+// and restore_input() puts every overwritten piece back when the op fails.
 #pragma once
 
 #include <cstdint>
@@ -30,8 +32,9 @@ public:
 class RingAllReduce {
 public:
     struct Params {
-        const uint8_t* send = nullptr;
+        const uint8_t* send = nullptr;  // null: in place
         uint8_t* recv = nullptr;
+        uint8_t* backup = nullptr;      // in place only: room for a copy of the input
         uint64_t count = 0;
         DataType dtype = DataType::FLOAT;
         ReduceOp op = ReduceOp::SUM;
@@ -50,6 +53,9 @@ public:
     uint8_t* accept_piece(wire::RingPhase phase, uint64_t offset, uint32_t bytes, std::string& error);
     void on_piece_received(PieceSink& sink, wire::RingPhase phase, uint64_t offset, uint32_t bytes);
 
+    // In place: copy back every piece that was overwritten. Call only once the op is over.
+    void restore_input();
+
     void on_piece_queued() { ++sends_outstanding_; }
     void on_piece_sent() { --sends_outstanding_; }
     bool complete() const { return pieces_left_ == 0 && sends_outstanding_ == 0; }
@@ -61,11 +67,15 @@ private:
     uint32_t chunk_owned_by_next() const { return (p_.rank + 2) % p_.world; }
     uint32_t my_chunk() const { return p_.rank; }
     uint32_t owned_chunk() const { return (p_.rank + 1) % p_.world; }
+    // The local contribution at `offset`: the send buffer, or in place the saved copy.
+    const uint8_t* input_at(uint64_t offset) const { return (p_.send ? p_.send : p_.backup) + offset * elem_; }
+    bool in_place() const { return p_.send == nullptr; }
 
     Params p_;
     size_t elem_;
     RingPlan plan_;
     std::vector<uint8_t> seen_[2];  // per phase, per piece: accepted already
+    std::vector<uint8_t> saved_;    // in place, per piece: copied to backup before its first overwrite
     uint64_t pieces_left_ = 0;
     uint64_t sends_outstanding_ = 0;
 };
