@@ -48,10 +48,10 @@ inline constexpr milliseconds kMasterConnectRetryDelay{500};
 inline constexpr int kSocketBufferBytes = 4 * 1024 * 1024;
 
 // ---- ring ----
-// Pieces are the unit of pipelining: small enough that the ring streams, big enough that the
-// per-piece header and syscalls vanish.
+// Pieces are the unit of pipelining and striping: small enough that the ring streams and every
+// connection of a pool gets work, big enough that the per-piece header, syscalls and wake-ups vanish.
 inline constexpr size_t kMaxPieceBytes = 512 * 1024;
-inline constexpr size_t kMinPieceBytes = 16 * 1024;
+inline constexpr size_t kMinPieceBytes = 256 * 1024;
 // In-place ops keep one copy of the input; up to this many bytes of such copies stay cached.
 inline constexpr size_t kMaxCachedScratchBytes = 1ull << 30;
 inline constexpr size_t kMaxSendBatchIov = 64;

@@ -9,10 +9,11 @@
 namespace pccl::ring {
 
 uint64_t RingAllReduce::choose_piece_elems(uint64_t count, uint32_t world, size_t elem, size_t pool_size) {
-    // Enough pieces per chunk to keep every connection of the pool busy and the ring pipelined,
-    // within [kMinPieceBytes, kMaxPieceBytes].
+    // A piece per connection of the pool, within [kMinPieceBytes, kMaxPieceBytes]. The ring already
+    // moves `world` chunks at once, so cutting small chunks finer only adds per-piece syscalls and
+    // wake-ups (measured: one 350 KiB piece beats sixteen 22 KiB ones 1.5x at 1 MiB, world 3).
     const uint64_t chunk_bytes = (count / std::max<uint32_t>(world, 1) + 1) * elem;
-    const uint64_t want = chunk_bytes / std::max<size_t>(4 * pool_size, 1);
+    const uint64_t want = chunk_bytes / std::max<size_t>(pool_size, 1);
     const uint64_t bytes = std::clamp<uint64_t>(want, limits::kMinPieceBytes, limits::kMaxPieceBytes);
     return std::max<uint64_t>(bytes / elem, 1);
 }
