@@ -20,7 +20,6 @@ namespace {
 constexpr uint32_t kInEvents = EPOLLIN | EPOLLRDHUP;
 // One readiness event reads at most this much, so one busy connection cannot starve the others.
 constexpr size_t kReadBudgetBytes = 8 * 1024 * 1024;
-const uint8_t kZeros[limits::kDiscardBufferBytes] = {};
 
 void encode_handshake(wire::DataFrameKind kind, PeerId from, PeerId to, uint32_t index, uint8_t* out) {
     wire::DataHeader h;
@@ -263,7 +262,7 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
     OutConn* best = nullptr;
     for (uint64_t id : pit->second.conns) {
         OutConn* c = out_.at(id).get();
-        if (!best || c->queued_bytes < best->queued_bytes) best = c;
+        if (!best || c->queue.bytes() < best->queue.bytes()) best = c;
     }
     SendItem item;
     wire::DataHeader h;
@@ -276,8 +275,7 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
     item.data = data;
     item.length = h.length;
     item.uid = uid;
-    best->queue.push_back(item);
-    best->queued_bytes += wire::kDataHeaderBytes + item.length;
+    best->queue.push(item);
     if (best->state == OutState::READY) {
         if (!flush(*best)) {
             // Never fail from inside the ring's callback chain: do it from a clean stack.
@@ -292,52 +290,29 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
 
 bool DataPlane::flush(OutConn& c) {
     iovec iov[limits::kMaxSendBatchIov * 2];
+    std::vector<SendItem*> order;
+    order.reserve(limits::kMaxSendBatchIov);
     while (!c.queue.empty()) {
-        size_t n_iov = 0;
-        for (const SendItem& item : c.queue) {
-            if (n_iov + 2 > std::size(iov)) break;
-            if (item.sent < wire::kDataHeaderBytes) {
-                iov[n_iov++] = {const_cast<uint8_t*>(item.header) + item.sent, wire::kDataHeaderBytes - item.sent};
-            }
-            const uint32_t payload_sent = item.sent > wire::kDataHeaderBytes ? item.sent - wire::kDataHeaderBytes : 0;
-            const uint32_t left = item.length - payload_sent;
-            if (left == 0) continue;
-            if (item.data) {
-                iov[n_iov++] = {const_cast<uint8_t*>(item.data) + payload_sent, left};
-            } else {
-                iov[n_iov++] = {const_cast<uint8_t*>(kZeros), std::min<size_t>(left, sizeof(kZeros))};
-                break;  // the zero source is short: nothing after it may follow in this batch
-            }
-        }
+        const size_t n_iov = c.queue.gather(iov, std::size(iov), order);
         msghdr msg{};
         msg.msg_iov = iov;
         msg.msg_iovlen = n_iov;
-        ssize_t w = ::sendmsg(c.fd.get(), &msg, MSG_NOSIGNAL);
+        const ssize_t w = ::sendmsg(c.fd.get(), &msg, MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) return true;
             if (errno == EINTR) continue;
             return false;
         }
         const auto now = Clock::now();
-        while (w > 0 && !c.queue.empty()) {
-            SendItem& item = c.queue.front();
-            const uint32_t total = wire::kDataHeaderBytes + item.length;
-            const uint32_t take = static_cast<uint32_t>(std::min<size_t>(static_cast<size_t>(w), total - item.sent));
-            item.sent += take;
-            w -= take;
-            if (item.sent < total) break;
-            const uint64_t uid = item.uid;
-            const bool real = item.data != nullptr || item.length == 0;
-            c.queued_bytes -= total;
-            c.queue.pop_front();
-            if (!real) continue;
-            auto op = ops_.find(uid);
-            if (op == ops_.end()) continue;
+        c.queue.advance(static_cast<size_t>(w), order, [&](const SendItem& item) {
+            if (item.data == nullptr) return;  // zeros finishing a cancelled op's frame
+            auto op = ops_.find(item.uid);
+            if (op == ops_.end()) return;
             op->second.ring->on_piece_sent();
-            op->second.stats.tx_bytes += total;
+            op->second.stats.tx_bytes += item.total();
             op->second.last_progress = now;
-            maybe_complete(uid);
-        }
+            maybe_complete(item.uid);
+        });
     }
     return true;
 }
@@ -556,19 +531,7 @@ DataPlane::OpStats DataPlane::remove_op(uint64_t uid) {
     if (it == ops_.end()) return stats;
     stats = it->second.stats;
     ops_.erase(it);
-    for (auto& [id, c] : out_) {
-        auto& q = c->queue;
-        for (auto item = q.begin(); item != q.end();) {
-            if (item->uid != uid) { ++item; continue; }
-            if (item->sent > 0) {  // the receiver expects the rest of this frame: finish it with zeros
-                item->data = nullptr;
-                ++item;
-                continue;
-            }
-            c->queued_bytes -= wire::kDataHeaderBytes + item->length;
-            item = q.erase(item);
-        }
-    }
+    for (auto& [id, c] : out_) c->queue.drop_op(uid);
     for (auto& [id, c] : in_)
         if (c->state == InState::PAYLOAD && c->h.a == uid) c->state = InState::DISCARD;
     return stats;

@@ -1,7 +1,8 @@
 // The peer-to-peer transport of one communicator, run on its reactor thread: the listening socket,
 // K outgoing connections per ring neighbour (a pool), incoming connections, and the routing of data
 // frames to running operations by op uid. Pieces are striped over the pool (least queued bytes),
-// written straight from the caller's memory with sendmsg, and read straight into the destination.
+// concurrent ops share each connection round-robin (FairSendQueue), pieces are written straight
+// from the caller's memory with sendmsg and read straight into the destination.
 //
 // A frame for an op this peer has not been told about yet (uid above the last OP_GO) parks its
 // connection: TCP back-pressure holds the sender until the OP_GO arrives. A frame for an op that is
@@ -10,7 +11,6 @@
 
 #include <chrono>
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -22,6 +22,7 @@
 #include "common/status.hpp"
 #include "net/address.hpp"
 #include "net/event_loop.hpp"
+#include "client/send_queue.hpp"
 #include "ring/ring_allreduce.hpp"
 #include "wire/data_frame.hpp"
 
@@ -70,13 +71,6 @@ public:
     void close_all();
 
 private:
-    struct SendItem {
-        uint8_t header[wire::kDataHeaderBytes];
-        const uint8_t* data = nullptr;  // nullptr: send zeros (the op was cancelled mid-piece)
-        uint32_t length = 0;
-        uint32_t sent = 0;              // of header + payload
-        uint64_t uid = 0;
-    };
     enum class OutState { CONNECTING, AWAIT_ACK, READY };
     struct OutConn {
         uint64_t id = 0;
@@ -85,8 +79,7 @@ private:
         PeerId peer = 0;
         uint32_t index = 0;
         OutState state = OutState::CONNECTING;
-        std::deque<SendItem> queue;
-        size_t queued_bytes = 0;
+        FairSendQueue queue;
         uint8_t ack[wire::kDataHeaderBytes];
         size_t ack_got = 0;
         bool want_write = false;
