@@ -336,6 +336,98 @@ def scenario_multi(spec: dict[str, Any]) -> None:
     comm.close()
 
 
+def scenario_concurrency(spec: dict[str, Any]) -> None:
+    """Many all-reduces in flight: async from one thread, from several threads, duplicate tags,
+    membership calls while ops run, and a small op overtaking a big one on the same connection."""
+    comm = connect(spec)
+    world, index = spec["world"], spec["index"]
+    join(comm, world)
+    want = world * (world + 1) // 2
+
+    # 8 tags in flight from one thread, each with its own size and values.
+    xs = [np.full(1000 * (t + 1) + t, (index + 1) * (t + 1), dtype=np.int64) for t in range(8)]
+    handles = [comm.all_reduce_async(x, x, tag=t) for t, x in enumerate(xs)]
+    results = [h.wait() for h in handles]
+    emit(event="async8", ok=all(r[0] for r in results),
+         exact=all(bool(np.all(x == want * (t + 1))) for t, x in enumerate(xs)))
+
+    # A duplicate live tag is refused at once; the first op is unaffected.
+    big = np.ones(1 << 20, dtype=np.float32)
+    first = comm.all_reduce_async(big, big, tag=99)
+    try:
+        comm.all_reduce_async(np.ones(4, np.float32), np.ones(4, np.float32), tag=99)
+        emit(event="duplicate", refused=False)
+    except PCCLError as e:
+        emit(event="duplicate", refused=True, result=e.result.name, message=str(e))
+    # update_topology with an op in flight: PENDING_ASYNC_OPS.
+    try:
+        comm.update_topology()
+        emit(event="update_in_flight", refused=False)
+    except PCCLError as e:
+        emit(event="update_in_flight", refused=True, result=e.result.name)
+    ok = first.wait()[0]
+    emit(event="first_after_duplicate", ok=ok, value=float(big[0]))
+
+    # Several Python threads, each with its own tags.
+    errors: list[str] = []
+
+    def worker(base: int) -> None:
+        try:
+            for k in range(10):
+                x = np.full(5000, index + 1, dtype=np.float64)
+                comm.all_reduce(x, x, tag=1000 + base * 100 + k)
+                if not np.all(x == want):
+                    errors.append(f"thread {base} op {k}: {x[0]}")
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(b,)) for b in range(4)]
+    for t in threads:
+        t.start()
+    # are_peers_pending from this thread while the others run all-reduces.
+    pending_answers = [comm.are_peers_pending() for _ in range(3)]
+    for t in threads:
+        t.join(60)
+    emit(event="threads", errors=errors, pending=pending_answers)
+
+    # Fair sharing: a small op launched right after a big one finishes first.
+    huge = np.full(spec.get("huge", 32 << 20), 1.0, dtype=np.float32)
+    out = np.empty_like(huge)
+    small = np.full(1024, 1.0, dtype=np.float32)
+    h_big = comm.all_reduce_async(huge, out, tag=500)
+    h_small = comm.all_reduce_async(small, small, tag=501)
+    h_small.wait()
+    big_done_when_small_done = h_big.done()
+    h_big.wait()
+    emit(event="fair", big_done_first=big_done_when_small_done)
+    comm.close()
+
+
+def scenario_tags(spec: dict[str, Any]) -> None:
+    """Many distinct tags, a few in flight at a time: memory must stay flat."""
+    import resource
+    comm = connect(spec)
+    join(comm, spec["world"])
+    x = [np.ones(16, dtype=np.float32) for _ in range(16)]
+
+    def rss_kib() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    total, batch, tag = spec["tags"], 16, 0
+    samples = []
+    while tag < total:
+        handles = [comm.all_reduce_async(x[i], x[i], tag=tag + i) for i in range(batch)]
+        for h in handles:
+            if not h.wait()[0]:
+                raise RuntimeError("an op failed")
+        tag += batch
+        if tag % (total // 10) < batch:
+            samples.append(rss_kib())
+    emit(event="tags", samples=samples, maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    comm.close()
+
+
 def scenario_cuda(spec: dict[str, Any]) -> None:
     """CUDA tensors, in place and out of place, checked against the expected sum."""
     import torch
