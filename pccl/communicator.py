@@ -15,10 +15,11 @@ from typing import Any
 from pccl import _core
 from pccl._buffers import Buffer, Staging, validate_pair
 from pccl._descriptors import (
-    CoreReduceArgs, QuantizationOptions, ReduceInfo, ReduceOpDescriptor, ReduceOperandDescriptor, core_reduce_args,
+    CoreReduceArgs, QuantizationOptions, ReduceInfo, ReduceOpDescriptor, ReduceOperandDescriptor, SharedState,
+    SharedStateSyncInfo, TensorInfo, core_reduce_args,
 )
 from pccl._errors import PCCLError
-from pccl._types import Attribute, DataType, DeviceType, ReduceOp, Result
+from pccl._types import Attribute, DataType, DeviceType, ReduceOp, Result, SharedStateSyncStrategy
 
 # Failures that a retry on the shrunken ring can cure; anything else (a descriptor mismatch, being
 # kicked, a lost master) would fail again, so all_reduce_multiple_with_retry raises it instead.
@@ -143,6 +144,45 @@ class Communicator:
     def connected(self) -> bool:
         """Whether this peer is currently a member (False before connect, after close or a kick)."""
         return bool(self._core.connected)
+
+    # -- shared state --------------------------------------------------------------------------
+
+    def sync_shared_state(self, shared_state: SharedState,
+                          strategy: SharedStateSyncStrategy = SharedStateSyncStrategy.ENFORCE_POPULAR
+                          ) -> SharedStateSyncInfo:
+        """Collective per peer group: make every member's tensors and revision agree.
+
+        Each peer hashes its entries; the group elects the most popular content at the newest
+        revision; peers that differ or are behind fetch exactly the differing entries from up-to-date
+        peers and check their hashes. Writes the synced revision back into ``shared_state``. CUDA
+        tensors go through pinned host copies (copied back only where data arrived and the sync
+        succeeded).
+        """
+        if not isinstance(shared_state, SharedState):
+            raise TypeError(f"shared_state must be a SharedState, not {type(shared_state).__name__}")
+        strategy = SharedStateSyncStrategy(strategy)
+        self._reap()
+        with self._lock:
+            if self._in_flight:
+                raise PCCLError(Result.PENDING_ASYNC_OPS, "sync_shared_state",
+                                f"{len(self._in_flight)} all-reduce(s) still in flight; wait for them first")
+        stagings = [Staging(buf, buf) for buf in (self._info_buffer(info) for info in shared_state.tensor_infos)]
+        entries = [(info.name, st.send_ptr, info.numel, info.dtype.value, bool(info.allow_content_inequality))
+                   for info, st in zip(shared_state.tensor_infos, stagings)]
+        code, message, revision, tx, rx = self._core.sync_shared_state(shared_state.revision, entries, strategy.value)
+        ok = code == Result.SUCCESS.value
+        for st in stagings:
+            st.finish(ok and rx > 0)
+        PCCLError.check(code, "sync_shared_state", message)
+        shared_state.revision = int(revision)
+        return SharedStateSyncInfo(tx, rx)
+
+    @staticmethod
+    def _info_buffer(info: TensorInfo) -> Buffer:
+        if info.device_type is DeviceType.CUDA and info.tensor is None:
+            raise ValueError(f"CUDA tensor {info.name!r} must be described with TensorInfo.from_torch")
+        return Buffer(info.data_ptr, info.numel, info.dtype, info.device_type, info.numel * info.dtype.itemsize,
+                      False, info.tensor)
 
     # -- all-reduce ----------------------------------------------------------------------------
 

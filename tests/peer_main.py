@@ -428,6 +428,71 @@ def scenario_tags(spec: dict[str, Any]) -> None:
     comm.close()
 
 
+def make_tensor(dtype: str, count: int, seed: int, backend: str):
+    """Deterministic content per seed, for every dtype (bfloat16 via torch)."""
+    rng = np.random.default_rng(seed)
+    if dtype in INT_DTYPES:
+        info = np.iinfo(dtype)
+        values = rng.integers(info.min, info.max, size=count, dtype=dtype, endpoint=True)
+    else:
+        values = rng.standard_normal(count).astype("float32" if dtype == "bfloat16" else dtype)
+    return as_buffer(values, dtype, backend)
+
+
+def scenario_sync(spec: dict[str, Any]) -> None:
+    """Runs a script of steps: ["join", n], ["sync", {options}], ["hold", seconds].
+
+    Tensors: spec["tensors"] = [[name, dtype, count, seed, allow_content_inequality], ...]; a sync
+    step may re-seed some of them first ({"reseed": {name: seed}}), push or set the revision, and
+    pick a strategy. After each sync the digests of every tensor are reported.
+    """
+    from pccl import SharedState, SharedStateSyncStrategy, TensorInfo
+    comm = connect(spec)
+    backend = spec.get("backend", "numpy")
+    tensors = {name: make_tensor(dtype, count, seed, backend) for name, dtype, count, seed, _ in spec["tensors"]}
+    unequal = {name: bool(flag) for name, _, _, _, flag in spec["tensors"]}
+
+    def info_of(name):
+        t = tensors[name]
+        make = TensorInfo.from_torch if hasattr(t, "numpy") else TensorInfo.from_numpy
+        return make(t, name, allow_content_inequality=unequal[name])
+
+    state = SharedState([info_of(name) for name in tensors])
+    state.revision = spec.get("revision", 0)
+    for step, arg in spec["script"]:
+        if step == "join":
+            join(comm, arg)
+        elif step == "hold":
+            time.sleep(arg)
+        elif step == "sync":
+            for name, seed in arg.get("reseed", {}).items():
+                fresh = make_tensor(dict((n, d) for n, d, *_ in spec["tensors"])[name], len(tensors[name]), seed, backend)
+                tensors[name][...] = fresh
+            if arg.get("push"):
+                state.push_revision()
+            if "set_revision" in arg:
+                state.revision = arg["set_revision"]
+            strategy = getattr(SharedStateSyncStrategy, arg.get("strategy", "ENFORCE_POPULAR"))
+            t0 = time.time()
+            try:
+                info = comm.sync_shared_state(state, strategy)
+                emit(event="synced", ok=True, revision=state.revision, tx=info.tx_bytes, rx=info.rx_bytes,
+                     seconds=time.time() - t0, digests={n: digest(t) for n, t in tensors.items()})
+            except PCCLError as e:
+                emit(event="synced", ok=False, result=e.result.name, message=str(e), revision=state.revision,
+                     digests={n: digest(t) for n, t in tensors.items()})
+        elif step == "die_during_sync":
+            # Distribute, and die once the first bytes have left (a kill at a known moment).
+            def watch() -> None:
+                time.sleep(arg)
+                emit(event="dying")
+                os.kill(os.getpid(), 9)
+            threading.Thread(target=watch, daemon=True).start()
+            comm.sync_shared_state(state)
+    comm.close()
+    emit(event="done")
+
+
 def scenario_cuda(spec: dict[str, Any]) -> None:
     """CUDA tensors, in place and out of place, checked against the expected sum."""
     import torch

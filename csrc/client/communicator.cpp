@@ -1,6 +1,7 @@
 #include "client/communicator.hpp"
 
 #include <cstring>
+#include <set>
 
 #include "client/session.hpp"
 #include "common/limits.hpp"
@@ -46,6 +47,28 @@ Status Communicator::are_peers_pending(bool& pending, const InterruptCheck& inte
     auto s = current_session();
     if (!s) return Status::error(Result::NOT_INITIALIZED, "not connected: call connect() first");
     return s->are_peers_pending(pending, interrupted);
+}
+
+SyncOutcome Communicator::sync_shared_state(const std::vector<SyncEntryDesc>& entries, uint64_t revision,
+                                            uint8_t strategy,
+                                            const std::function<std::array<uint8_t, 16>(const void*, size_t)>& hasher,
+                                            const InterruptCheck& interrupted) {
+    auto s = current_session();
+    if (!s) return {Status::error(Result::NOT_INITIALIZED, "not connected: call connect() first"), 0, 0, 0};
+    if (strategy > 2) return {Status::error(Result::INVALID_ARGUMENT, "unknown shared-state sync strategy"), 0, 0, 0};
+    std::set<std::string> names;
+    for (const auto& e : entries) {
+        if (!is_valid(e.dtype)) return {Status::error(Result::INVALID_ARGUMENT, "entry '" + e.name + "' has an unknown dtype"), 0, 0, 0};
+        if (e.count > 0 && e.data == nullptr)
+            return {Status::error(Result::INVALID_ARGUMENT, "entry '" + e.name + "' has a null pointer"), 0, 0, 0};
+        if (e.name.size() > limits::kMaxWireStringBytes)
+            return {Status::error(Result::INVALID_ARGUMENT, "entry name longer than " + std::to_string(limits::kMaxWireStringBytes) + " bytes"), 0, 0, 0};
+        if (!names.insert(e.name).second)
+            return {Status::error(Result::INVALID_ARGUMENT, "two shared-state entries are named '" + e.name + "'"), 0, 0, 0};
+    }
+    if (entries.size() > limits::kMaxSyncEntries)
+        return {Status::error(Result::INVALID_ARGUMENT, "too many shared-state entries"), 0, 0, 0};
+    return s->sync_shared_state(entries, revision, strategy, hasher, interrupted);
 }
 
 Status Communicator::get_attribute(Attribute attribute, int64_t& value) const {

@@ -4,12 +4,14 @@
 // limits::kCallerPollInterval so the caller can abandon them (Ctrl-C).
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "client/completion.hpp"
 #include "client/scratch_pool.hpp"
@@ -44,6 +46,8 @@ struct ReduceOutcome {
 
 class Session;
 class ReduceHandle;
+struct SyncEntryDesc;
+struct SyncOutcome;
 
 class Communicator {
 public:
@@ -58,6 +62,12 @@ public:
     Status update_topology(const InterruptCheck& interrupted);
     Status are_peers_pending(bool& pending, const InterruptCheck& interrupted);
     Status get_attribute(Attribute attribute, int64_t& value) const;
+
+    // Collective per peer group: agree on one revision and content of the shared state, fetching
+    // what differs from up-to-date peers (see ARCHITECTURE.md). `hasher` hashes host memory.
+    SyncOutcome sync_shared_state(const std::vector<SyncEntryDesc>& entries, uint64_t revision, uint8_t strategy,
+                                  const std::function<std::array<uint8_t, 16>(const void*, size_t)>& hasher,
+                                  const InterruptCheck& interrupted);
 
     // Never blocks on the network: errors (bad arguments, duplicate tag, not connected) arrive
     // through the handle.

@@ -306,6 +306,13 @@ bool DataPlane::flush(OutConn& c) {
         const auto now = Clock::now();
         c.queue.advance(static_cast<size_t>(w), order, [&](const SendItem& item) {
             if (item.data == nullptr) return;  // zeros finishing a cancelled op's frame
+            if (item.uid >> 63) {              // shared-state data
+                auto sync = syncs_.find(item.uid & ~(1ull << 63));
+                if (sync == syncs_.end()) return;
+                sync->second.stats.tx_bytes += item.total();
+                sync->second.last_progress = now;
+                return;
+            }
             auto op = ops_.find(item.uid);
             if (op == ops_.end()) return;
             op->second.ring->on_piece_sent();
@@ -455,8 +462,13 @@ void DataPlane::on_in_io(uint64_t id, uint32_t events) {
                     c.header_got = 0;
                     break;
                 }
-                if (c.h.kind != static_cast<uint8_t>(wire::DataFrameKind::DATA)) return close_in(id, "unexpected frame kind");
-                if (!route_header(c)) return;  // connection closed
+                if (c.h.kind == static_cast<uint8_t>(wire::DataFrameKind::DATA)) {
+                    if (!route_header(c)) return;  // connection closed
+                } else if (c.h.kind == static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA)) {
+                    if (!route_sync_header(c)) return;
+                } else {
+                    return close_in(id, "unexpected frame kind");
+                }
                 if (c.state == InState::PARKED) return;
                 break;
             }
@@ -464,7 +476,8 @@ void DataPlane::on_in_io(uint64_t id, uint32_t events) {
                 c.dest += n;
                 c.remaining -= static_cast<uint64_t>(n);
                 if (c.remaining == 0) {
-                    finish_piece(c);
+                    if (c.h.kind == static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA)) finish_sync_frame(c);
+                    else finish_piece(c);
                     if (!in_.contains(id)) return;
                 }
                 break;
@@ -485,7 +498,10 @@ void DataPlane::unpark_all() {
     std::vector<uint64_t> ready;
     for (uint64_t id : parked_) {
         auto it = in_.find(id);
-        if (it != in_.end() && it->second->h.a <= max_go_uid_) ready.push_back(id);
+        if (it == in_.end()) continue;
+        const auto& h = it->second->h;
+        const bool sync = h.kind == static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA);
+        if (h.a <= (sync ? max_sync_uid_ : max_go_uid_)) ready.push_back(id);
     }
     for (uint64_t id : ready) {
         parked_.erase(id);
@@ -493,7 +509,8 @@ void DataPlane::unpark_all() {
         if (it == in_.end()) continue;
         InConn& c = *it->second;
         loop_.modify(c.watch, kInEvents);
-        if (!route_header(c)) continue;
+        if (c.h.kind == static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA)) route_sync_header(c);
+        else route_header(c);
     }
 }
 
@@ -533,8 +550,161 @@ DataPlane::OpStats DataPlane::remove_op(uint64_t uid) {
     ops_.erase(it);
     for (auto& [id, c] : out_) c->queue.drop_op(uid);
     for (auto& [id, c] : in_)
-        if (c->state == InState::PAYLOAD && c->h.a == uid) c->state = InState::DISCARD;
+        if (c->state == InState::PAYLOAD && c->h.a == uid && c->h.kind == static_cast<uint8_t>(wire::DataFrameKind::DATA))
+            c->state = InState::DISCARD;
     return stats;
+}
+
+// ------------------------------------------------------------------ shared-state sync
+
+void DataPlane::begin_sync(uint64_t uid, std::vector<SyncBuffer> entries) {
+    SyncState& s = syncs_[uid];
+    s.entries = std::move(entries);
+    s.last_progress = Clock::now();
+    // Frames of this sync stop parking; the caller registers the ranges it expects right away,
+    // in the same reactor task, so none can slip through as "stale".
+    max_sync_uid_ = std::max(max_sync_uid_, uid);
+}
+
+void DataPlane::expect_sync_ranges(uint64_t uid, const std::vector<wire::SyncRange>& ranges) {
+    auto it = syncs_.find(uid);
+    if (it == syncs_.end()) return;
+    SyncState& s = it->second;
+    s.receiving = true;
+    for (const auto& r : ranges) {
+        if (r.entry >= s.entries.size() || r.length == 0 || r.offset + r.length > s.entries[r.entry].bytes ||
+            r.offset + r.length < r.offset)
+            continue;  // the master never plans this; bounds are checked regardless
+        SyncRangeState rs;
+        rs.range = r;
+        rs.missing = (r.length + limits::kMaxPieceBytes - 1) / limits::kMaxPieceBytes;
+        rs.got.assign(rs.missing, 0);
+        s.missing_frames += rs.missing;
+        s.ranges_of_entry[r.entry].push_back(s.ranges.size());
+        s.ranges.push_back(std::move(rs));
+    }
+    s.last_progress = Clock::now();
+    unpark_all();
+    if (s.missing_frames == 0 && !s.announced) {
+        s.announced = true;
+        events_.on_sync_received(uid);
+    }
+}
+
+void DataPlane::send_sync_ranges(uint64_t uid, const std::vector<wire::SyncRange>& ranges) {
+    auto it = syncs_.find(uid);
+    if (it == syncs_.end()) return;
+    SyncState& s = it->second;
+    for (const auto& r : ranges) {
+        if (r.entry >= s.entries.size() || r.offset + r.length > s.entries[r.entry].bytes) continue;
+        ensure_pool(r.peer, nullptr);
+        auto pit = pools_.find(r.peer);
+        if (pit == pools_.end() || pit->second.conns.empty()) continue;  // unknown peer: the master will notice
+        for (uint64_t rel = 0; rel < r.length; rel += limits::kMaxPieceBytes) {
+            OutConn* best = nullptr;
+            for (uint64_t id : pit->second.conns) {
+                OutConn* c = out_.at(id).get();
+                if (!best || c->queue.bytes() < best->queue.bytes()) best = c;
+            }
+            SendItem item;
+            wire::DataHeader h;
+            h.kind = static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA);
+            h.length = static_cast<uint32_t>(std::min<uint64_t>(limits::kMaxPieceBytes, r.length - rel));
+            h.a = uid;
+            h.b = r.offset + rel;
+            h.aux = r.entry;
+            wire::encode_data_header(h, item.header);
+            item.data = s.entries[r.entry].data + r.offset + rel;
+            item.length = h.length;
+            item.uid = sync_queue_key(uid);
+            best->queue.push(item);
+        }
+        for (uint64_t id : pit->second.conns) {
+            OutConn& c = *out_.at(id);
+            if (c.state != OutState::READY) continue;
+            if (!flush(c)) {
+                const PeerId peer = r.peer;
+                loop_.post([this, peer] {
+                    fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST, "connection to peer " + std::to_string(peer) + " lost"));
+                });
+                break;
+            }
+            arm_out(c);
+        }
+    }
+}
+
+DataPlane::OpStats DataPlane::end_sync(uint64_t uid) {
+    OpStats stats;
+    max_sync_uid_ = std::max(max_sync_uid_, uid);
+    auto it = syncs_.find(uid);
+    if (it != syncs_.end()) {
+        stats = it->second.stats;
+        syncs_.erase(it);
+    }
+    for (auto& [id, c] : out_) c->queue.drop_op(sync_queue_key(uid));
+    for (auto& [id, c] : in_)
+        if (c->state == InState::PAYLOAD && c->h.a == uid && c->h.kind == static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA))
+            c->state = InState::DISCARD;
+    unpark_all();  // frames of this sync that parked are now stale: drain them
+    return stats;
+}
+
+bool DataPlane::route_sync_header(InConn& c) {
+    const uint64_t uid = c.h.a;
+    auto it = syncs_.find(uid);
+    if (it != syncs_.end() && it->second.receiving) {
+        SyncState& s = it->second;
+        const uint32_t entry = c.h.aux;
+        const uint64_t offset = c.h.b;
+        auto idx = s.ranges_of_entry.find(entry);
+        if (idx != s.ranges_of_entry.end()) {
+            for (size_t r : idx->second) {
+                const auto& range = s.ranges[r].range;
+                if (offset < range.offset || offset >= range.offset + range.length) continue;
+                const uint64_t rel = offset - range.offset;
+                if (rel % limits::kMaxPieceBytes != 0 ||
+                    c.h.length != std::min<uint64_t>(limits::kMaxPieceBytes, range.length - rel))
+                    break;
+                c.dest = s.entries[entry].data + offset;
+                c.remaining = c.h.length;
+                c.sync_range = r;
+                c.sync_frame = rel / limits::kMaxPieceBytes;
+                c.state = InState::PAYLOAD;
+                return true;
+            }
+        }
+        close_in(c.id, "shared-state data outside the planned ranges");
+        return false;
+    }
+    if (uid > max_sync_uid_) {
+        c.state = InState::PARKED;
+        parked_.insert(c.id);
+        loop_.modify(c.watch, 0);
+        return true;
+    }
+    c.state = InState::DISCARD;  // a sync that is over (or that this peer receives nothing in)
+    c.remaining = c.h.length;
+    return true;
+}
+
+void DataPlane::finish_sync_frame(InConn& c) {
+    const uint64_t uid = c.h.a;
+    c.state = InState::HEADER;
+    c.header_got = 0;
+    auto it = syncs_.find(uid);
+    if (it == syncs_.end()) return;
+    SyncState& s = it->second;
+    s.stats.rx_bytes += wire::kDataHeaderBytes + c.h.length;
+    s.last_progress = Clock::now();
+    auto& rs = s.ranges[c.sync_range];
+    if (rs.got[c.sync_frame]) return;  // a replacement distributor sent it again: same bytes
+    rs.got[c.sync_frame] = 1;
+    --rs.missing;
+    if (--s.missing_frames == 0 && !s.announced) {
+        s.announced = true;
+        events_.on_sync_received(uid);
+    }
 }
 
 void DataPlane::fail_op(uint64_t uid, const Status& why, PeerId suspect) {
@@ -551,6 +721,16 @@ void DataPlane::check_deadlines(Clock::time_point now, std::chrono::milliseconds
         fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "no progress for " + std::to_string(timeout.count()) +
                                                                      " ms (previous peer " + std::to_string(prev) + ")"),
                 prev);
+
+    std::vector<uint64_t> stalled_syncs;
+    for (auto& [uid, sync] : syncs_)
+        if (sync.receiving && sync.missing_frames > 0 && now - sync.last_progress > timeout) {
+            stalled_syncs.push_back(uid);
+            sync.last_progress = now;  // report once per deadline
+        }
+    for (uint64_t uid : stalled_syncs)
+        events_.on_sync_stalled(uid, Status::error(Result::RANK_CONNECTION_LOST, "no shared-state data for " +
+                                                                                  std::to_string(timeout.count()) + " ms"));
 
     std::vector<PeerId> slow_pools;
     for (const auto& [id, c] : out_)
@@ -572,6 +752,7 @@ void DataPlane::close_all() {
     pools_.clear();
     parked_.clear();
     ops_.clear();
+    syncs_.clear();
     if (listener_.valid()) {
         loop_.unwatch(listener_watch_);
         listener_.reset();

@@ -34,6 +34,10 @@ using Clock = std::chrono::steady_clock;
 class DataPlaneEvents {
 public:
     virtual ~DataPlaneEvents() = default;
+    // Every planned range of a shared-state sync arrived (hashes not checked yet).
+    virtual void on_sync_received(uint64_t sync_uid) = 0;
+    // A receiving sync made no progress for the deadline.
+    virtual void on_sync_stalled(uint64_t sync_uid, const Status& why) = 0;
     // The op can no longer finish on this ring; the data plane has already stopped touching its buffers.
     virtual void on_op_failed(uint64_t uid, const Status& why, PeerId suspect) = 0;
     // All pieces received and all sends written: the op is locally complete.
@@ -65,6 +69,18 @@ public:
     OpStats remove_op(uint64_t uid);
     // Every OP_GO's uid, also for ops cancelled before it came: frames up to it stop parking.
     void note_go(uint64_t uid);
+
+    // Shared-state sync. The entries' memory must stay valid until end_sync(). A receiver accepts
+    // exactly the planned ranges (a range may arrive twice, from a replacement distributor); a
+    // distributor sends what it is told, to peers it connects to on demand.
+    struct SyncBuffer {
+        uint8_t* data = nullptr;
+        uint64_t bytes = 0;
+    };
+    void begin_sync(uint64_t uid, std::vector<SyncBuffer> entries);
+    void expect_sync_ranges(uint64_t uid, const std::vector<wire::SyncRange>& ranges);
+    void send_sync_ranges(uint64_t uid, const std::vector<wire::SyncRange>& ranges);
+    OpStats end_sync(uint64_t uid);
 
     // Fails ops without progress for `timeout`, closes handshakes that take too long.
     void check_deadlines(Clock::time_point now, std::chrono::milliseconds timeout);
@@ -102,6 +118,8 @@ private:
         wire::DataHeader h;
         uint8_t* dest = nullptr;
         uint64_t remaining = 0;
+        size_t sync_range = 0;   // SYNC_DATA payload: which range and frame of it
+        size_t sync_frame = 0;
         Clock::time_point accepted;
     };
     struct ActiveOp {
@@ -112,6 +130,24 @@ private:
         Clock::time_point last_progress;
     };
     class OpSink;
+    struct SyncRangeState {
+        wire::SyncRange range;
+        std::vector<uint8_t> got;  // per frame of the range
+        uint64_t missing = 0;
+    };
+    struct SyncState {
+        std::vector<SyncBuffer> entries;
+        std::vector<SyncRangeState> ranges;  // receiving side
+        std::unordered_map<uint32_t, std::vector<size_t>> ranges_of_entry;
+        uint64_t missing_frames = 0;
+        bool receiving = false;
+        bool announced = false;
+        OpStats stats;
+        Clock::time_point last_progress;
+    };
+    static uint64_t sync_queue_key(uint64_t uid) { return uid | (1ull << 63); }
+    bool route_sync_header(InConn& c);
+    void finish_sync_frame(InConn& c);
 
     void on_accept();
     void on_out_io(uint64_t id, uint32_t events);
@@ -143,6 +179,8 @@ private:
     std::unordered_map<uint64_t, ActiveOp> ops_;
     std::set<uint64_t> parked_;
     uint64_t max_go_uid_ = 0;
+    std::unordered_map<uint64_t, SyncState> syncs_;
+    uint64_t max_sync_uid_ = 0;
     uint64_t next_conn_id_ = 1;
     std::vector<uint8_t> discard_;
 };

@@ -124,6 +124,7 @@ void Session::submit(const std::shared_ptr<ReduceHandle>& h) {
         if (!attributes().admitted) return reject(Result::NOT_INITIALIZED, "not connected: call connect() first");
         if (call_ && call_->kind != CallKind::PEERS_PENDING)
             return reject(Result::INVALID_USAGE, "update_topology is in progress on another thread; all-reduce after it returns");
+        if (sync_) return reject(Result::INVALID_USAGE, "sync_shared_state is in progress on another thread; all-reduce after it returns");
         if (ops_by_tag_.contains(h->request.tag))
             return reject(Result::INVALID_ARGUMENT, "tag " + std::to_string(h->request.tag) +
                                                         " is already in flight; give each concurrent all-reduce its own tag");
@@ -198,6 +199,8 @@ void Session::start_call(CallKind kind, std::shared_ptr<Completion<CallResult>> 
     }
     if (!attributes().admitted)
         return void(done->complete({Status::error(Result::NOT_INITIALIZED, "not connected: call connect() first"), false}));
+    if (kind == CallKind::UPDATE_TOPOLOGY && sync_)
+        return void(done->complete({Status::error(Result::INVALID_USAGE, "sync_shared_state is in progress on another thread"), false}));
     if (kind == CallKind::UPDATE_TOPOLOGY && !ops_by_tag_.empty())
         return void(done->complete({Status::error(Result::PENDING_ASYNC_OPS,
                                                   std::to_string(ops_by_tag_.size()) +
@@ -278,6 +281,15 @@ void Session::handle(wire::Message&& m) {
                                                  "dropped by the master (" + x.reason + "); call connect() to rejoin"));
                    },
                    [&](wire::MasterHeartbeat&) {},
+                   [&](wire::SyncPlan& x) { on_sync_plan(std::move(x)); },
+                   [&](wire::SyncSendMore& x) {
+                       if (sync_ && sync_->uid == x.sync_uid) data_plane_.send_sync_ranges(x.sync_uid, x.send);
+                   },
+                   [&](wire::SyncDone& x) {
+                       if (!sync_ || sync_->uid != x.sync_uid) return;
+                       finish_sync(x.result == 0 ? Status::ok() : Status::error(static_cast<Result>(x.result), x.message),
+                                   x.revision);
+                   },
                    [&](auto& other) {
                        end_session(Status::error(Result::MASTER_CONNECTION_FAILED,
                                                  std::string("the master sent a peer-only message: ") +
@@ -415,6 +427,130 @@ void Session::release_backup(ReduceHandle& h) {
     h.backup = {};
 }
 
+// ------------------------------------------------------------------ shared-state sync
+
+SyncOutcome Session::sync_shared_state(const std::vector<SyncEntryDesc>& entries, uint64_t revision, uint8_t strategy,
+                                       const Hasher& hasher, const InterruptCheck& interrupted) {
+    auto call = std::make_shared<SyncCall>();
+    call->vote.revision = revision;
+    call->vote.strategy = strategy;
+    for (const auto& e : entries) {
+        const uint64_t bytes = e.count * element_size(e.dtype);
+        wire::SyncEntry w;
+        w.name = e.name;
+        w.dtype = static_cast<uint8_t>(e.dtype);
+        w.count = e.count;
+        w.hash = hasher(e.data, bytes);  // on the caller's thread: the reactor keeps serving
+        w.allow_inequality = e.allow_inequality ? 1 : 0;
+        call->vote.entries.push_back(std::move(w));
+        call->buffers.push_back({e.data, bytes});
+    }
+    if (!post([this, call] { start_sync(call); })) return {over_status(), 0, 0, 0};
+
+    std::unique_lock lock(call->mutex);
+    bool verified = false;
+    while (!call->done) {
+        if (call->received && !verified) {
+            // Check what arrived before anyone is told it is synced.
+            verified = true;
+            auto expect = call->expect;
+            const uint64_t uid = call->uid;
+            lock.unlock();
+            std::string bad;
+            for (const auto& e : expect) {
+                const auto& buf = call->buffers[e.entry];
+                if (hasher(buf.data, buf.bytes) != e.hash) {
+                    bad = "entry '" + call->vote.entries[e.entry].name + "' arrived with the wrong hash";
+                    break;
+                }
+            }
+            post([this, uid, bad] { send_master(wire::SyncResult{uid, static_cast<uint8_t>(bad.empty()), bad}); });
+            lock.lock();
+            continue;
+        }
+        call->changed.wait_for(lock, limits::kCallerPollInterval);
+        if (!call->done && interrupted && interrupted()) {
+            lock.unlock();
+            // Stop serving and receiving at once; the master hears we gave up and fails the round.
+            auto stopped = std::make_shared<Completion<bool>>();
+            post([this, call, stopped] {
+                if (sync_ == call) {
+                    if (call->uid != 0) send_master(wire::SyncResult{call->uid, 0, "interrupted by the caller"});
+                    finish_sync(interrupted_status(), 0);
+                }
+                stopped->complete(true);
+            });
+            stopped->wait_for(limits::kP2PHandshakeDeadline);
+            return {interrupted_status(), 0, 0, 0};
+        }
+    }
+    return call->outcome;
+}
+
+void Session::start_sync(const std::shared_ptr<SyncCall>& call) {
+    auto refuse = [&](Status why) {
+        std::lock_guard lock(call->mutex);
+        call->outcome.status = std::move(why);
+        call->done = true;
+        call->changed.notify_all();
+    };
+    if (!master_) return refuse(over_status());
+    if (!attributes().admitted) return refuse(Status::error(Result::NOT_INITIALIZED, "not connected: call connect() first"));
+    if (!ops_by_tag_.empty())
+        return refuse(Status::error(Result::PENDING_ASYNC_OPS, std::to_string(ops_by_tag_.size()) +
+                                                                   " all-reduce(s) still in flight; wait for them before sync_shared_state"));
+    if (sync_) return refuse(Status::error(Result::INVALID_USAGE, "another sync_shared_state is in progress"));
+    if (call_ && call_->kind != CallKind::PEERS_PENDING)
+        return refuse(Status::error(Result::INVALID_USAGE, "update_topology is in progress on another thread"));
+    sync_ = call;
+    send_master(call->vote);
+}
+
+void Session::on_sync_plan(wire::SyncPlan&& plan) {
+    if (!sync_ || sync_->uid != 0) {
+        // Nobody waits for this round any more (the caller was interrupted): say so, or the others
+        // would wait for this peer's data.
+        send_master(wire::SyncResult{plan.sync_uid, 0, "the caller abandoned sync_shared_state"});
+        return;
+    }
+    if (plan.result != 0) return finish_sync(Status::error(static_cast<Result>(plan.result), plan.message), plan.revision);
+    sync_->uid = plan.sync_uid;
+    sync_->outcome.revision = plan.revision;
+    for (const auto& e : plan.expect)
+        if (e.entry >= sync_->buffers.size())
+            return finish_sync(Status::error(Result::INTERNAL_ERROR, "the master planned an entry this peer does not have"), 0);
+    sync_->expect = std::move(plan.expect);
+    data_plane_.begin_sync(plan.sync_uid, sync_->buffers);
+    if (!plan.receive.empty()) data_plane_.expect_sync_ranges(plan.sync_uid, plan.receive);
+    if (!plan.send.empty()) data_plane_.send_sync_ranges(plan.sync_uid, plan.send);
+}
+
+void Session::on_sync_received(uint64_t uid) {
+    if (!sync_ || sync_->uid != uid) return;
+    std::lock_guard lock(sync_->mutex);
+    sync_->received = true;
+    sync_->changed.notify_all();
+}
+
+void Session::on_sync_stalled(uint64_t uid, const Status& why) {
+    if (!sync_ || sync_->uid != uid) return;
+    send_master(wire::SyncResult{uid, 0, why.message});
+}
+
+void Session::finish_sync(Status status, uint64_t revision) {
+    auto call = std::move(sync_);
+    sync_.reset();
+    const auto stats = call->uid != 0 ? data_plane_.end_sync(call->uid) : DataPlane::OpStats{};
+    std::lock_guard lock(call->mutex);
+    if (call->done) return;
+    call->outcome.status = std::move(status);
+    if (call->outcome.status.is_ok()) call->outcome.revision = revision;
+    call->outcome.tx_bytes = stats.tx_bytes;
+    call->outcome.rx_bytes = stats.rx_bytes;
+    call->done = true;
+    call->changed.notify_all();
+}
+
 void Session::tick() {
     const auto now = Clock::now();
     if (master_) {
@@ -443,6 +579,7 @@ void Session::end_session(const Status& why) {
     }
     auto ops = ops_by_tag_;
     for (auto& [tag, h] : ops) finish_op(h, why);
+    if (sync_) finish_sync(why, 0);
     if (call_) {
         auto waiters = std::move(call_->waiters);
         call_.reset();

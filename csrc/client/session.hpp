@@ -4,6 +4,8 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
+#include <functional>
 #include <chrono>
 #include <map>
 #include <memory>
@@ -54,6 +56,24 @@ struct Attributes {
     int64_t largest_group = 0;
 };
 
+struct SyncEntryDesc {
+    std::string name;
+    DataType dtype = DataType::FLOAT;
+    uint64_t count = 0;
+    uint8_t* data = nullptr;  // host memory, valid for the whole call
+    bool allow_inequality = false;
+};
+
+struct SyncOutcome {
+    Status status;
+    uint64_t revision = 0;
+    uint64_t tx_bytes = 0;
+    uint64_t rx_bytes = 0;
+};
+
+// Hashes host memory; the bindings supply one (xxh3-128), so the core stays free of Python.
+using Hasher = std::function<wire::Hash128(const void* data, size_t bytes)>;
+
 class Session final : public DataPlaneEvents, public std::enable_shared_from_this<Session> {
 public:
     Session(uint32_t peer_group, size_t pool_size, std::shared_ptr<ScratchPool> scratch);
@@ -64,6 +84,8 @@ public:
     Status update_topology(const InterruptCheck& interrupted);
     Status are_peers_pending(bool& pending, const InterruptCheck& interrupted);
     Attributes attributes() const;
+    SyncOutcome sync_shared_state(const std::vector<SyncEntryDesc>& entries, uint64_t revision, uint8_t strategy,
+                                  const Hasher& hasher, const InterruptCheck& interrupted);
     void submit(const std::shared_ptr<ReduceHandle>& handle);
     void cancel(ReduceHandle& handle);
     // Leaves the run and joins the reactor. Idempotent.
@@ -74,6 +96,8 @@ public:
     // DataPlaneEvents (reactor thread)
     void on_op_failed(uint64_t uid, const Status& why, PeerId suspect) override;
     void on_op_complete(uint64_t uid) override;
+    void on_sync_received(uint64_t uid) override;
+    void on_sync_stalled(uint64_t uid, const Status& why) override;
 
 private:
     enum class CallKind { CONNECT, UPDATE_TOPOLOGY, PEERS_PENDING };
@@ -86,6 +110,22 @@ private:
         // More than one when a caller abandoned the call (Ctrl-C) and a later one re-attached.
         std::vector<std::shared_ptr<Completion<CallResult>>> waiters;
     };
+
+    // One shared-state sync, shared between the calling thread and the reactor.
+    struct SyncCall {
+        std::mutex mutex;
+        std::condition_variable changed;
+        bool received = false;  // every planned range arrived: the caller checks the hashes
+        bool done = false;
+        SyncOutcome outcome;
+        uint64_t uid = 0;
+        std::vector<wire::SyncExpect> expect;
+        std::vector<DataPlane::SyncBuffer> buffers;
+        wire::SyncVote vote;
+    };
+    void start_sync(const std::shared_ptr<SyncCall>& call);
+    void on_sync_plan(wire::SyncPlan&& plan);
+    void finish_sync(Status status, uint64_t revision);
 
     bool post(net::EventLoop::Task task);  // false once the session is over
     CallResult run_call(CallKind kind, const InterruptCheck& interrupted);
@@ -131,6 +171,7 @@ private:
     uint64_t epoch_ = 0;
     std::vector<wire::PeerEntry> ring_;
     std::optional<MembershipCall> call_;
+    std::shared_ptr<SyncCall> sync_;
     std::string end_reason_;
     std::unordered_map<uint64_t, std::shared_ptr<ReduceHandle>> ops_by_tag_;
     std::unordered_map<uint64_t, uint64_t> tag_by_uid_;

@@ -13,8 +13,13 @@ using std::chrono::milliseconds;
 inline constexpr uint32_t kControlMagic = 0x4C434350;  // "PCCL" little endian
 inline constexpr uint32_t kDataMagic = 0x44434350;     // "PCCD" little endian
 inline constexpr uint16_t kProtocolVersion = 1;
-// Frames a peer sends to the master are tiny; anything bigger is an attack or a bug.
-inline constexpr uint32_t kMaxPeerToMasterFrameBytes = 64 * 1024;
+// Before HELLO a connection may send only tiny frames; a registered peer's shared-state vote lists
+// every entry (name, dtype, size, hash), so it may send up to kMaxPeerToMasterFrameBytes.
+inline constexpr uint32_t kMaxUnregisteredFrameBytes = 64 * 1024;
+inline constexpr uint32_t kMaxPeerToMasterFrameBytes = 16 * 1024 * 1024;
+// Shared state: entries per vote, and transfer ranges per plan message.
+inline constexpr uint32_t kMaxSyncEntries = 1u << 20;
+inline constexpr uint32_t kMaxSyncRanges = 1u << 22;
 // The master's topology message lists every peer (~40 bytes each): 16 MiB covers 400k peers.
 inline constexpr uint32_t kMaxMasterToPeerFrameBytes = 16 * 1024 * 1024;
 inline constexpr uint32_t kMaxWireStringBytes = 4096;
@@ -51,6 +56,9 @@ inline constexpr int kSocketBufferBytes = 4 * 1024 * 1024;
 // Pieces are the unit of pipelining and striping: small enough that the ring streams and every
 // connection of a pool gets work, big enough that the per-piece header, syscalls and wake-ups vanish.
 inline constexpr size_t kMaxPieceBytes = 512 * 1024;
+// Shared-state transfers: an entry is split over distributors in ranges of at least this size,
+// and each range travels in frames of kMaxPieceBytes.
+inline constexpr size_t kMinSyncRangeBytes = 8 * 1024 * 1024;
 inline constexpr size_t kMinPieceBytes = 256 * 1024;
 // In-place ops keep one copy of the input; up to this many bytes of such copies stay cached.
 inline constexpr size_t kMaxCachedScratchBytes = 1ull << 30;

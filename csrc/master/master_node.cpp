@@ -33,6 +33,7 @@ struct MasterNode::Impl final : Outbox {
         net::ControlConnection stream;
         uint64_t watch = 0;
         bool writable_armed = false;
+        bool registered = false;  // said HELLO: may send frames up to kMaxPeerToMasterFrameBytes
     };
 
     net::EventLoop loop;
@@ -107,7 +108,7 @@ struct MasterNode::Impl final : Outbox {
             remote.length = len;
             const ConnId id = next_conn++;
             auto c = std::make_unique<Connection>(Connection{
-                net::ControlConnection(std::move(owned), limits::kMaxPeerToMasterFrameBytes, limits::kMaxMasterSendQueueBytes)});
+                net::ControlConnection(std::move(owned), limits::kMaxUnregisteredFrameBytes, limits::kMaxMasterSendQueueBytes)});
             c->watch = loop.watch(fd, EPOLLIN | EPOLLRDHUP, [this, id](uint32_t ev) { on_io(id, ev); });
             conns.emplace(id, std::move(c));
             PCCL_LOG(DEBUG, "master: connection ", id, " from ", remote.to_string());
@@ -131,6 +132,10 @@ struct MasterNode::Impl final : Outbox {
             for (auto& m : msgs) {
                 if (!conns.contains(id)) break;  // dropped by an earlier message
                 state.on_message(id, std::move(m), now);
+            }
+            if (auto live = conns.find(id); live != conns.end() && !live->second->registered && state.is_registered(id)) {
+                live->second->registered = true;
+                live->second->stream.set_max_incoming(limits::kMaxPeerToMasterFrameBytes);
             }
             if (status != net::ControlConnection::ReadStatus::OPEN && conns.contains(id)) {
                 if (status == net::ControlConnection::ReadStatus::PROTOCOL_ERROR)

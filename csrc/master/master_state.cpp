@@ -87,6 +87,8 @@ void MasterState::handle_peer_message(Peer& p, wire::Message&& m) {
                    [&](wire::VotePeersPending&) { on_vote_pending(p); },
                    [&](wire::OpBegin& x) { on_op_begin(p, x); },
                    [&](wire::OpEnd& x) { on_op_end(p, x); },
+                   [&](wire::SyncVote& x) { on_sync_vote(p, std::move(x)); },
+                   [&](wire::SyncResult& x) { on_sync_result(p, x); },
                    [&](auto& other) {
                        violation(p, std::string("sent a message only the master may send (") +
                                         wire::type_name(wire::type_of(wire::Message(other))) + ")");
@@ -162,6 +164,7 @@ void MasterState::on_vote_update(Peer& p) {
     if (p.voted_update || round_active_) return violation(p, "voted update_topology twice");
     if (p.voted_pending) return violation(p, "voted update_topology while its are_peers_pending vote is open");
     if (p.ops_in_flight != 0) return violation(p, "voted update_topology with collective operations in flight");
+    if (p.in_sync) return violation(p, "voted update_topology during a shared-state sync");
     p.voted_update = true;
     check_update_votes();
 }
@@ -240,6 +243,9 @@ void MasterState::resolve_stalemate() {
     std::set<PeerId> waiting_in_op;
     for (const auto& [key, rec] : ops_)
         if (!rec.started && rec.poison.empty()) waiting_in_op.insert(rec.begun.begin(), rec.begun.end());
+    for (const auto& [group, round] : syncs_)
+        if (!round.planned)
+            for (const auto& [id, vote] : round.votes) waiting_in_op.insert(id);
     bool any_pending_vote = false, any_update_vote = false, any_only_in_op = false;
     for (PeerId id : ring_) {
         const Peer& p = peers_.at(id);
@@ -277,6 +283,7 @@ void MasterState::resolve_stalemate() {
 void MasterState::on_op_begin(Peer& p, const wire::OpBegin& m) {
     if (p.state != PeerState::ACCEPTED) return violation(p, "began an operation before being accepted");
     if (p.voted_update || round_active_) return violation(p, "began an operation during update_topology");
+    if (p.in_sync) return violation(p, "began an operation during a shared-state sync");
     if (!is_valid(static_cast<DataType>(m.dtype)) || !is_valid(static_cast<ReduceOp>(m.op)) ||
         !is_valid(static_cast<QuantizationAlgorithm>(m.quant_algorithm)) ||
         (m.quant_algorithm != 0 && !is_valid(static_cast<DataType>(m.quant_dtype))))
@@ -386,6 +393,149 @@ void MasterState::finish_op(const OpKey& key, uint8_t result, const std::string&
     ops_.erase(it);
 }
 
+// ---------------------------------------------------------------- shared-state sync
+
+void MasterState::on_sync_vote(Peer& p, wire::SyncVote&& m) {
+    if (p.state != PeerState::ACCEPTED) return violation(p, "voted a sync before being accepted");
+    if (p.voted_update || round_active_) return violation(p, "voted a sync during update_topology");
+    if (p.ops_in_flight != 0) return violation(p, "voted a sync with collective operations in flight");
+    if (p.in_sync) return violation(p, "voted a sync twice");
+    if (m.strategy >= kSyncStrategyCount) return violation(p, "voted a sync with an unknown strategy");
+    for (const auto& e : m.entries)
+        if (!is_valid(static_cast<DataType>(e.dtype))) return violation(p, "voted a sync with an unknown dtype");
+    SyncRound& round = syncs_[p.group];
+    if (round.planned) return violation(p, "voted a sync while the group's sync is being carried out");
+    p.in_sync = true;
+    round.votes[p.id] = std::move(m);
+    check_sync(p.group);
+    resolve_stalemate();
+}
+
+void MasterState::check_sync(uint32_t group) {
+    auto it = syncs_.find(group);
+    if (it == syncs_.end() || it->second.planned) return;
+    SyncRound& round = it->second;
+    const std::vector<PeerId> members = group_ring(group);
+    if (members.empty()) {
+        syncs_.erase(it);
+        return;
+    }
+    for (PeerId id : members)
+        if (!round.votes.contains(id)) return;
+
+    std::vector<SyncVoter> voters;  // std::map iterates by peer id: the order the election needs
+    for (auto& [id, vote] : round.votes) voters.push_back({id, vote});
+    std::optional<uint64_t> last;
+    if (auto g = group_revision_.find(group); g != group_revision_.end()) last = g->second;
+    const SyncDecision d = elect_sync(voters, last);
+    round.planned = true;
+    round.uid = next_sync_uid_++;
+    round.revision = d.revision;
+    round.pinned = d.pinned;
+    auto reject = [&](PeerId id, const SyncRejection& why) {
+        peers_.at(id).in_sync = false;
+        send_to(id, wire::SyncPlan{round.uid, static_cast<uint8_t>(why.code), why.message, d.revision, {}, {}, {}});
+    };
+    if (d.group_failure) {
+        PCCL_LOG(WARN, "master: shared-state sync of group ", group, " fails: ", d.group_failure->message);
+        for (const auto& v : voters) reject(v.peer, *d.group_failure);
+        syncs_.erase(it);
+        return;
+    }
+    for (const auto& [id, why] : d.rejected) {
+        PCCL_LOG(WARN, "master: ", describe(id), ": ", why.message);
+        reject(id, why);
+    }
+    round.distributors = d.distributors;
+    for (const auto& v : voters) {
+        if (d.rejected.contains(v.peer)) continue;
+        round.participants.insert(v.peer);
+        wire::SyncPlan plan;
+        plan.sync_uid = round.uid;
+        plan.revision = d.revision;
+        if (auto e = d.expect.find(v.peer); e != d.expect.end()) {
+            plan.expect = e->second;
+            plan.receive = d.receive.at(v.peer);
+            round.receivers_pending.insert(v.peer);
+        }
+        if (auto s = d.send.find(v.peer); s != d.send.end()) {
+            plan.send = s->second;
+            for (const auto& r : s->second) round.assigned[v.peer][r.peer].push_back(r);
+        }
+        send_to(v.peer, plan);
+    }
+    PCCL_LOG(INFO, "master: shared-state sync ", round.uid, " of group ", group, " at revision ", d.revision, ": ",
+             round.receivers_pending.size(), " peer(s) receive from ", round.distributors.size(), " distributor(s)");
+    if (round.receivers_pending.empty()) finish_sync(group, Result::SUCCESS, "");
+}
+
+void MasterState::on_sync_result(Peer& p, const wire::SyncResult& m) {
+    auto it = syncs_.find(p.group);
+    if (it == syncs_.end() || !it->second.planned || it->second.uid != m.sync_uid) return;  // a late report
+    SyncRound& round = it->second;
+    if (!round.participants.contains(p.id)) return;
+    if (!m.ok) return finish_sync(p.group, Result::RANK_CONNECTION_LOST, describe(p.id) + ": " + m.reason);
+    round.receivers_pending.erase(p.id);
+    if (round.receivers_pending.empty()) finish_sync(p.group, Result::SUCCESS, "");
+}
+
+void MasterState::finish_sync(uint32_t group, Result result, const std::string& message) {
+    auto it = syncs_.find(group);
+    if (it == syncs_.end()) return;
+    SyncRound round = std::move(it->second);
+    syncs_.erase(it);
+    if (result == Result::SUCCESS) group_revision_[group] = round.revision;
+    else PCCL_LOG(INFO, "master: shared-state sync ", round.uid, " of group ", group, " failed: ", message);
+    for (PeerId id : round.participants) {
+        auto p = peers_.find(id);
+        if (p == peers_.end()) continue;
+        p->second.in_sync = false;
+        out_.send(p->second.conn, wire::SyncDone{round.uid, static_cast<uint8_t>(result), message, round.revision});
+    }
+}
+
+void MasterState::sync_peer_gone(uint32_t group, PeerId id) {
+    auto it = syncs_.find(group);
+    if (it == syncs_.end()) return;
+    SyncRound& round = it->second;
+    if (!round.planned) {
+        round.votes.erase(id);
+        check_sync(group);
+        return;
+    }
+    if (!round.participants.erase(id)) return;
+    round.receivers_pending.erase(id);
+    for (auto& [distributor, per_receiver] : round.assigned) per_receiver.erase(id);
+    if (auto d = std::find(round.distributors.begin(), round.distributors.end(), id); d != round.distributors.end()) {
+        // A distributor died mid-transfer: whatever it owed goes to the other distributors. Ranges
+        // that arrive twice are harmless: every distributor holds the same bytes.
+        round.distributors.erase(d);
+        std::map<PeerId, std::vector<wire::SyncRange>> orphaned;
+        if (auto a = round.assigned.find(id); a != round.assigned.end()) {
+            for (auto& [receiver, ranges] : a->second)
+                if (round.receivers_pending.contains(receiver)) orphaned[receiver] = ranges;
+            round.assigned.erase(a);
+        }
+        std::vector<wire::SyncRange> unplaced;
+        const auto moved = reassign_ranges(orphaned, round.distributors, round.pinned, unplaced);
+        if (!unplaced.empty())
+            return finish_sync(group, Result::RANK_CONNECTION_LOST,
+                               describe(id) + " left mid-transfer and no other peer holds what it was sending");
+        for (const auto& [distributor, ranges] : moved) {
+            for (const auto& r : ranges) round.assigned[distributor][r.peer].push_back(r);
+            send_to(distributor, wire::SyncSendMore{round.uid, ranges});
+        }
+        if (!moved.empty())
+            PCCL_LOG(INFO, "master: sync ", round.uid, ": ", describe(id), " left mid-transfer; its ranges go to ",
+                     moved.size(), " other distributor(s)");
+    }
+    if (round.participants.empty()) {
+        syncs_.erase(it);
+        return;
+    }
+    if (round.receivers_pending.empty()) finish_sync(group, Result::SUCCESS, "");
+}
+
 // ---------------------------------------------------------------- dropping peers
 
 void MasterState::drop_peer(PeerId id, const std::string& reason, bool tell_peer) {
@@ -424,6 +574,8 @@ void MasterState::drop_peer(PeerId id, const std::string& reason, bool tell_peer
             std::erase(rec.participants, id);
             finish_op(key, static_cast<uint8_t>(Result::RANK_CONNECTION_LOST), who + " left the ring: " + reason);
         }
+        sync_peer_gone(dropped.group, id);
+        if (group_ring(dropped.group).empty()) group_revision_.erase(dropped.group);  // the next peers start afresh
         // Remove empty not-yet-started records, then see whether the remaining votes now agree.
         std::erase_if(ops_, [&](const auto& kv) { return !kv.second.started && kv.second.begun.empty(); });
         check_all_ops(dropped.group);

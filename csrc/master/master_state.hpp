@@ -12,6 +12,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "master/sync_election.hpp"
 #include "wire/messages.hpp"
 
 namespace pccl::master {
@@ -39,6 +40,10 @@ public:
     void on_tick(Clock::time_point now);
 
     size_t peer_count() const { return peers_.size(); }
+    bool is_registered(ConnId conn) const {
+        auto it = conns_.find(conn);
+        return it != conns_.end() && it->second.peer != 0;
+    }
     size_t connection_count() const { return conns_.size(); }
 
 private:
@@ -54,6 +59,7 @@ private:
         bool voted_pending = false;
         uint64_t confirmed_epoch = 0;
         size_t ops_in_flight = 0;
+        bool in_sync = false;  // voted in, or takes part in, a shared-state sync round
         Clock::time_point last_heard;
     };
     struct Conn {
@@ -78,6 +84,18 @@ private:
         std::string poison;                // non-empty: descriptors disagreed
     };
 
+    struct SyncRound {
+        std::map<PeerId, wire::SyncVote> votes;
+        bool planned = false;
+        uint64_t uid = 0;
+        uint64_t revision = 0;
+        std::set<PeerId> participants;
+        std::set<PeerId> receivers_pending;
+        std::vector<PeerId> distributors;
+        std::map<PeerId, std::map<PeerId, std::vector<wire::SyncRange>>> assigned;  // distributor -> receiver
+        std::map<uint32_t, uint64_t> pinned;
+    };
+
     void handle_hello(ConnId conn, Conn& c, const wire::Hello& m, Clock::time_point now);
     void handle_peer_message(Peer& p, wire::Message&& m);
     void on_vote_update(Peer& p);
@@ -85,6 +103,11 @@ private:
     void on_vote_pending(Peer& p);
     void on_op_begin(Peer& p, const wire::OpBegin& m);
     void on_op_end(Peer& p, const wire::OpEnd& m);
+    void on_sync_vote(Peer& p, wire::SyncVote&& m);
+    void on_sync_result(Peer& p, const wire::SyncResult& m);
+    void check_sync(uint32_t group);
+    void finish_sync(uint32_t group, Result result, const std::string& message);
+    void sync_peer_gone(uint32_t group, PeerId id);
 
     void drop_peer(PeerId id, const std::string& reason, bool tell_peer);
     void violation(Peer& p, const std::string& what);
@@ -114,6 +137,9 @@ private:
     std::vector<PeerId> ring_;  // accepted peers in ring order (all groups interleaved)
     std::vector<PeerId> pending_order_;
     std::map<OpKey, OpRecord> ops_;
+    std::map<uint32_t, SyncRound> syncs_;            // by group
+    std::map<uint32_t, uint64_t> group_revision_;    // last synced shared-state revision per group
+    uint64_t next_sync_uid_ = 1;
     PeerId next_peer_id_ = 1;
     uint64_t next_op_uid_ = 1;
     uint64_t epoch_ = 0;

@@ -17,6 +17,7 @@ public:
         : fd_(std::move(fd)), parser_(max_incoming_payload), max_queued_(max_queued_bytes) {}
 
     int fd() const { return fd_.get(); }
+    void set_max_incoming(uint32_t bytes) { parser_.set_max_payload(bytes); }
 
     enum class ReadStatus { OPEN, CLOSED, PROTOCOL_ERROR };
     // Reads everything available and appends the decoded messages. CLOSED on EOF or a socket

@@ -10,6 +10,20 @@ namespace pccl::wire {
 namespace {
 
 constexpr size_t kPeerEntryBytes = 8 + 4 + 1 + 16 + 2;
+constexpr size_t kSyncEntryMinBytes = 4 + 1 + 8 + 16 + 1;
+constexpr size_t kSyncRangeBytes = 4 + 8 + 8 + 8;
+constexpr size_t kSyncExpectBytes = 4 + 16;
+
+void put_ranges(Writer& w, const std::vector<SyncRange>& ranges) {
+    w.u32(static_cast<uint32_t>(ranges.size()));
+    for (const auto& r : ranges) { w.u32(r.entry); w.u64(r.offset); w.u64(r.length); w.u64(r.peer); }
+}
+
+std::vector<SyncRange> get_ranges(Reader& r) {
+    std::vector<SyncRange> out(r.count(limits::kMaxSyncRanges, kSyncRangeBytes));
+    for (auto& x : out) { x.entry = r.u32(); x.offset = r.u64(); x.length = r.u64(); x.peer = r.u64(); }
+    return out;
+}
 
 template <class... Ts>
 struct Overloaded : Ts... { using Ts::operator()...; };
@@ -67,6 +81,26 @@ void encode_payload(const Message& m, Writer& w) {
                    [&](const OpResult& x) { w.u64(x.tag); w.u64(x.op_uid); w.u8(x.result); w.string(bounded(x.message)); },
                    [&](const Kicked& x) { w.string(bounded(x.reason)); },
                    [&](const MasterHeartbeat&) {},
+                   [&](const SyncVote& x) {
+                       w.u64(x.revision); w.u8(x.strategy);
+                       w.u32(static_cast<uint32_t>(x.entries.size()));
+                       for (const auto& e : x.entries) {
+                           w.string(bounded(e.name)); w.u8(e.dtype); w.u64(e.count);
+                           w.bytes(e.hash.data(), e.hash.size()); w.u8(e.allow_inequality);
+                       }
+                   },
+                   [&](const SyncResult& x) { w.u64(x.sync_uid); w.u8(x.ok); w.string(bounded(x.reason)); },
+                   [&](const SyncPlan& x) {
+                       w.u64(x.sync_uid); w.u8(x.result); w.string(bounded(x.message)); w.u64(x.revision);
+                       w.u32(static_cast<uint32_t>(x.expect.size()));
+                       for (const auto& e : x.expect) { w.u32(e.entry); w.bytes(e.hash.data(), e.hash.size()); }
+                       put_ranges(w, x.receive);
+                       put_ranges(w, x.send);
+                   },
+                   [&](const SyncSendMore& x) { w.u64(x.sync_uid); put_ranges(w, x.send); },
+                   [&](const SyncDone& x) {
+                       w.u64(x.sync_uid); w.u8(x.result); w.string(bounded(x.message)); w.u64(x.revision);
+                   },
                },
                m);
 }
@@ -79,6 +113,7 @@ MsgType type_of(const Message& m) {
         MsgType::VOTE_PEERS_PENDING, MsgType::OP_BEGIN, MsgType::OP_END, MsgType::GOODBYE,
         MsgType::WELCOME, MsgType::TOPOLOGY, MsgType::TOPOLOGY_COMPLETE, MsgType::PEERS_PENDING_ANSWER,
         MsgType::OP_GO,   MsgType::OP_RESULT, MsgType::KICKED, MsgType::MASTER_HEARTBEAT,
+        MsgType::SYNC_VOTE, MsgType::SYNC_RESULT, MsgType::SYNC_PLAN, MsgType::SYNC_SEND_MORE, MsgType::SYNC_DONE,
     };
     static_assert(std::size(kTypes) == std::variant_size_v<Message>);
     return kTypes[m.index()];
@@ -102,6 +137,11 @@ const char* type_name(MsgType t) {
         case MsgType::OP_RESULT: return "OP_RESULT";
         case MsgType::KICKED: return "KICKED";
         case MsgType::MASTER_HEARTBEAT: return "MASTER_HEARTBEAT";
+        case MsgType::SYNC_VOTE: return "SYNC_VOTE";
+        case MsgType::SYNC_RESULT: return "SYNC_RESULT";
+        case MsgType::SYNC_PLAN: return "SYNC_PLAN";
+        case MsgType::SYNC_SEND_MORE: return "SYNC_SEND_MORE";
+        case MsgType::SYNC_DONE: return "SYNC_DONE";
     }
     return "UNKNOWN";
 }
@@ -170,6 +210,45 @@ std::optional<Message> decode_payload(uint16_t type, std::span<const uint8_t> pa
         }
         case MsgType::KICKED: { Kicked x; x.reason = r.string(limits::kMaxWireStringBytes); m = std::move(x); break; }
         case MsgType::MASTER_HEARTBEAT: m = MasterHeartbeat{}; break;
+        case MsgType::SYNC_VOTE: {
+            SyncVote x;
+            x.revision = r.u64();
+            x.strategy = r.u8();
+            x.entries.resize(r.count(limits::kMaxSyncEntries, kSyncEntryMinBytes));
+            for (auto& e : x.entries) {
+                e.name = r.string(limits::kMaxWireStringBytes);
+                e.dtype = r.u8();
+                e.count = r.u64();
+                r.bytes(e.hash.data(), e.hash.size());
+                e.allow_inequality = r.u8();
+            }
+            m = std::move(x);
+            break;
+        }
+        case MsgType::SYNC_RESULT: {
+            SyncResult x;
+            x.sync_uid = r.u64(); x.ok = r.u8(); x.reason = r.string(limits::kMaxWireStringBytes);
+            m = std::move(x);
+            break;
+        }
+        case MsgType::SYNC_PLAN: {
+            SyncPlan x;
+            x.sync_uid = r.u64(); x.result = r.u8(); x.message = r.string(limits::kMaxWireStringBytes);
+            x.revision = r.u64();
+            x.expect.resize(r.count(limits::kMaxSyncEntries, kSyncExpectBytes));
+            for (auto& e : x.expect) { e.entry = r.u32(); r.bytes(e.hash.data(), e.hash.size()); }
+            x.receive = get_ranges(r);
+            x.send = get_ranges(r);
+            m = std::move(x);
+            break;
+        }
+        case MsgType::SYNC_SEND_MORE: { SyncSendMore x; x.sync_uid = r.u64(); x.send = get_ranges(r); m = std::move(x); break; }
+        case MsgType::SYNC_DONE: {
+            SyncDone x;
+            x.sync_uid = r.u64(); x.result = r.u8(); x.message = r.string(limits::kMaxWireStringBytes); x.revision = r.u64();
+            m = std::move(x);
+            break;
+        }
         default: return std::nullopt;
     }
     if (!r.finished_cleanly()) return std::nullopt;

@@ -35,7 +35,16 @@ enum class MsgType : uint16_t {
     OP_RESULT = 69,
     KICKED = 70,
     MASTER_HEARTBEAT = 71,
+    // shared-state sync, peer -> master
+    SYNC_VOTE = 100,
+    SYNC_RESULT = 101,
+    // shared-state sync, master -> peer
+    SYNC_PLAN = 110,
+    SYNC_SEND_MORE = 111,
+    SYNC_DONE = 112,
 };
+
+using Hash128 = std::array<uint8_t, 16>;
 
 // An IPv4 or IPv6 address as raw bytes (IPv4 in the first 4), family 4 or 6.
 struct IpAddress {
@@ -86,9 +95,42 @@ struct OpResult { uint64_t tag = 0; uint64_t op_uid = 0; uint8_t result = 0; std
 struct Kicked { std::string reason; };
 struct MasterHeartbeat {};
 
+// One entry of a peer's shared state: its key (name, dtype, count) and the hash of its content.
+struct SyncEntry {
+    std::string name;
+    uint8_t dtype = 0;
+    uint64_t count = 0;
+    Hash128 hash{};
+    uint8_t allow_inequality = 0;
+    bool same_key(const SyncEntry& o) const { return name == o.name && dtype == o.dtype && count == o.count; }
+};
+struct SyncVote { uint64_t revision = 0; uint8_t strategy = 0; std::vector<SyncEntry> entries; };
+// Peer -> master: a receiver verified what it got (or not); anyone may report giving up.
+struct SyncResult { uint64_t sync_uid = 0; uint8_t ok = 0; std::string reason; };
+// Bytes [offset, offset + length) of entry `entry`; `peer` is the other side of the transfer.
+struct SyncRange {
+    uint32_t entry = 0;
+    uint64_t offset = 0;
+    uint64_t length = 0;
+    uint64_t peer = 0;
+    bool operator==(const SyncRange&) const = default;
+};
+struct SyncExpect { uint32_t entry = 0; Hash128 hash{}; };
+struct SyncPlan {
+    uint64_t sync_uid = 0;
+    uint8_t result = 0;  // non-zero: this peer's vote was rejected; `message` says why
+    std::string message;
+    uint64_t revision = 0;
+    std::vector<SyncExpect> expect;   // entries this peer receives, with the hash they must end with
+    std::vector<SyncRange> receive;   // ranges coming to this peer (peer = distributor)
+    std::vector<SyncRange> send;      // ranges this peer sends (peer = receiver)
+};
+struct SyncSendMore { uint64_t sync_uid = 0; std::vector<SyncRange> send; };
+struct SyncDone { uint64_t sync_uid = 0; uint8_t result = 0; std::string message; uint64_t revision = 0; };
+
 using Message = std::variant<Hello, Heartbeat, VoteUpdateTopology, P2PReady, VotePeersPending, OpBegin, OpEnd,
                              Goodbye, Welcome, Topology, TopologyComplete, PeersPendingAnswer, OpGo, OpResult,
-                             Kicked, MasterHeartbeat>;
+                             Kicked, MasterHeartbeat, SyncVote, SyncResult, SyncPlan, SyncSendMore, SyncDone>;
 
 MsgType type_of(const Message& m);
 const char* type_name(MsgType t);
@@ -113,6 +155,7 @@ FrameHeader decode_frame_header(const uint8_t* p);  // p has kFrameHeaderBytes
 class FrameParser {
 public:
     explicit FrameParser(uint32_t max_payload_bytes) : max_payload_(max_payload_bytes) {}
+    void set_max_payload(uint32_t bytes) { max_payload_ = bytes; }
 
     // Where to write incoming bytes; room for at least `min_room` bytes.
     std::span<uint8_t> write_space(size_t min_room);
