@@ -447,9 +447,9 @@ def scenario_sync(spec: dict[str, Any]) -> None:
     pick a strategy. After each sync the digests of every tensor are reported.
     """
     from pccl import SharedState, SharedStateSyncStrategy, TensorInfo
-    comm = connect(spec)
     backend = spec.get("backend", "numpy")
     tensors = {name: make_tensor(dtype, count, seed, backend) for name, dtype, count, seed, _ in spec["tensors"]}
+    comm = connect(spec)
     unequal = {name: bool(flag) for name, _, _, _, flag in spec["tensors"]}
 
     def info_of(name):
@@ -481,14 +481,16 @@ def scenario_sync(spec: dict[str, Any]) -> None:
             except PCCLError as e:
                 emit(event="synced", ok=False, result=e.result.name, message=str(e), revision=state.revision,
                      digests={n: digest(t) for n, t in tensors.items()})
-        elif step == "die_during_sync":
-            # Distribute, and die once the first bytes have left (a kill at a known moment).
+        elif step == "report_receiving":
+            # Tell the test the moment bytes start landing in tensor `arg` (so it can kill a sender then).
+            watched = tensors[arg]
+            before = np.array(watched[:: 1 << 16], copy=True)
+
             def watch() -> None:
-                time.sleep(arg)
-                emit(event="dying")
-                os.kill(os.getpid(), 9)
+                while np.array_equal(np.asarray(watched[:: 1 << 16]), before):
+                    time.sleep(0.0005)
+                emit(event="receiving")
             threading.Thread(target=watch, daemon=True).start()
-            comm.sync_shared_state(state)
     comm.close()
     emit(event="done")
 
