@@ -21,6 +21,8 @@
 namespace py = pybind11;
 using namespace pccl;
 
+void bind_quant(pybind11::module_&);  // bindings/quant_bindings.cpp
+
 namespace {
 
 // Polled from a thread without the GIL: takes it briefly to run Python's signal handlers.
@@ -225,4 +227,6 @@ PYBIND11_MODULE(_core, m) {
         if (parser.has_error()) throw py::value_error(parser.error());
         return frames;
     });
+
+    bind_quant(m);
 }

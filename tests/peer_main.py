@@ -495,6 +495,52 @@ def scenario_sync(spec: dict[str, Any]) -> None:
     emit(event="done")
 
 
+def quant_input(kind: str, count: int, index: int) -> np.ndarray:
+    rng = np.random.default_rng(1000 + index)
+    if kind == "constant":
+        return np.full(count, 0.25 * (index + 1), dtype=np.float64)
+    if kind == "negative":
+        return -np.abs(rng.standard_normal(count)) - 3.0
+    values = rng.standard_normal(count)
+    if kind == "nan" and index == 0:
+        values[5] = np.nan        # block 0 of the first piece
+        values[700] = np.inf      # block 2
+    return values
+
+
+def scenario_quant(spec: dict[str, Any]) -> None:
+    """Quantized all-reduces; reports digests (bit parity), the relative L2 error and bytes sent."""
+    from pccl import DataType, QuantizationAlgorithm, QuantizationOptions
+    comm = connect(spec)
+    world, index = spec["world"], spec["index"]
+    join(comm, world)
+    for case in spec["cases"]:
+        source, count, op = case["source"], case["count"], case.get("op", "SUM")
+        mine = quant_input(case["kind"], count, index)
+        x = as_buffer(mine.astype("float32" if source == "bfloat16" else source), source, spec.get("backend", "numpy"))
+        y = x if case.get("inplace") else as_buffer(np.zeros(count, "float32" if source == "bfloat16" else source),
+                                                     source, spec.get("backend", "numpy"))
+        options = QuantizationOptions(getattr(DataType, case["wire"]), getattr(QuantizationAlgorithm, case["algorithm"]))
+        try:
+            info = comm.all_reduce(x, y, op=getattr(ReduceOp, op), quantization_options=options)
+        except (PCCLError, ValueError) as e:
+            emit(case=case, ok=False, error=str(e))
+            continue
+        inputs = [quant_input(case["kind"], count, j) for j in range(world)]
+        if source in ("float16", "bfloat16"):
+            inputs = [to_float64(as_buffer(v.astype("float32"), source, "torch" if source == "bfloat16" else "numpy"))
+                      for v in inputs]
+        exact = {"SUM": np.sum, "AVG": np.mean, "MAX": np.max, "MIN": np.min, "PROD": np.prod}[op](inputs, axis=0)
+        got = to_float64(y)
+        finite = np.isfinite(exact) & np.isfinite(got)
+        err = float(np.linalg.norm(got[finite] - exact[finite]) / max(np.linalg.norm(exact[finite]), 1e-30))
+        emit(case=case, ok=True, digest=digest(y), rel_l2=err, tx=info.tx_bytes, rx=info.rx_bytes,
+             exact_match=bool(np.array_equal(got[finite], exact[finite])),
+             nan_positions=[int(i) for i in np.flatnonzero(np.isnan(got))[:2000:256]],
+             nan_count=int(np.isnan(got).sum()))
+    comm.close()
+
+
 def scenario_cuda(spec: dict[str, Any]) -> None:
     """CUDA tensors, in place and out of place, checked against the expected sum."""
     import torch

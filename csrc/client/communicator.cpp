@@ -5,6 +5,7 @@
 
 #include "client/session.hpp"
 #include "common/limits.hpp"
+#include "kernels/quantize.hpp"
 
 namespace pccl::client {
 
@@ -95,9 +96,10 @@ std::shared_ptr<ReduceHandle> Communicator::all_reduce_async(const ReduceRequest
     };
     if (!is_valid(request.dtype) || !is_valid(request.op)) return reject(Result::INVALID_ARGUMENT, "unknown dtype or reduce op");
     if (!is_valid(request.quant_algorithm)) return reject(Result::INVALID_ARGUMENT, "unknown quantization algorithm");
-    if (request.quant_algorithm != QuantizationAlgorithm::NONE)
-        return reject(Result::INVALID_ARGUMENT,
-                      "quantized all-reduce is not available in this build yet; pass quantization_options=None");
+    if (request.quant_algorithm != QuantizationAlgorithm::NONE) {
+        const std::string why = kernels::quant::validate({request.dtype, request.quant_dtype, request.quant_algorithm});
+        if (!why.empty()) return reject(Result::INVALID_ARGUMENT, why);
+    }
     const size_t bytes = request.count * element_size(request.dtype);
     if (bytes > 0 && (request.send == nullptr || request.recv == nullptr))
         return reject(Result::INVALID_ARGUMENT, "null buffer with a non-zero count");

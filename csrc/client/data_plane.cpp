@@ -47,9 +47,10 @@ bool send_all_now(int fd, const uint8_t* data, size_t n) {
 class DataPlane::OpSink final : public ring::PieceSink {
 public:
     OpSink(DataPlane& dp, uint64_t uid, PeerId next, ring::RingAllReduce* ring) : dp_(dp), uid_(uid), next_(next), ring_(ring) {}
-    void send_piece(wire::RingPhase phase, uint64_t offset, uint64_t count, const uint8_t* data) override {
+    void send_piece(wire::RingPhase phase, uint64_t offset, uint32_t bytes, const uint8_t* data,
+                    uint64_t token) override {
         ring_->on_piece_queued();
-        dp_.enqueue(next_, uid_, phase, offset, count, data);
+        dp_.enqueue(next_, uid_, phase, offset, bytes, data, token);
     }
 
 private:
@@ -250,13 +251,14 @@ void DataPlane::arm_out(OutConn& c) {
     loop_.modify(c.watch, kInEvents | (want ? EPOLLOUT : 0u));
 }
 
-void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64_t offset, uint64_t count,
-                        const uint8_t* data) {
+void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64_t offset, uint32_t bytes,
+                        const uint8_t* data, uint64_t token) {
     auto pit = pools_.find(next);
     auto op = ops_.find(uid);
+    if (op == ops_.end()) return;
     if (pit == pools_.end() || pit->second.conns.empty()) {
         // The pool died under this op; the failure is already on its way to the op.
-        if (op != ops_.end()) op->second.ring->on_piece_sent();
+        op->second.ring->on_piece_sent(token);
         return;
     }
     OutConn* best = nullptr;
@@ -268,13 +270,14 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
     wire::DataHeader h;
     h.kind = static_cast<uint8_t>(wire::DataFrameKind::DATA);
     h.phase = static_cast<uint8_t>(phase);
-    h.length = static_cast<uint32_t>(count * op->second.ring->element_bytes());
+    h.length = bytes;
     h.a = uid;
     h.b = offset;
     wire::encode_data_header(h, item.header);
     item.data = data;
     item.length = h.length;
     item.uid = uid;
+    item.token = token;
     best->queue.push(item);
     if (best->state == OutState::READY) {
         if (!flush(*best)) {
@@ -315,7 +318,7 @@ bool DataPlane::flush(OutConn& c) {
             }
             auto op = ops_.find(item.uid);
             if (op == ops_.end()) return;
-            op->second.ring->on_piece_sent();
+            op->second.ring->on_piece_sent(item.token);
             op->second.stats.tx_bytes += item.total();
             op->second.last_progress = now;
             maybe_complete(item.uid);

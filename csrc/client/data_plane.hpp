@@ -156,7 +156,8 @@ private:
     bool out_read_ack(OutConn& c);
     bool flush(OutConn& c);
     void arm_out(OutConn& c);
-    void enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64_t offset, uint64_t count, const uint8_t* data);
+    void enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64_t offset, uint32_t bytes, const uint8_t* data,
+                 uint64_t token);
     void pool_ready_changed(PeerId peer);
     void fail_pool(PeerId peer, const Status& why);
     void close_in(uint64_t id, const std::string& why);

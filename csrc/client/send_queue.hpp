@@ -22,6 +22,7 @@ struct SendItem {
     uint32_t length = 0;
     uint32_t sent = 0;              // of header + payload
     uint64_t uid = 0;
+    uint64_t token = 0;             // the ring's buffer behind `data`, freed once sent (0: none)
 
     uint32_t total() const { return static_cast<uint32_t>(wire::kDataHeaderBytes) + length; }
 };

@@ -28,6 +28,22 @@ RingAllReduce::RingAllReduce(const Params& p)
     pieces_left_ = (n - plan_.pieces_in_chunk(my_chunk())) + (n - plan_.pieces_in_chunk(owned_chunk()));
 }
 
+uint32_t RingAllReduce::wire_bytes(uint64_t elems) const {
+    return static_cast<uint32_t>(p_.quant ? kernels::quant::wire_bytes(*p_.quant, elems) : elems * elem_);
+}
+
+uint64_t RingAllReduce::new_buffer(size_t bytes) {
+    const uint64_t token = next_token_++;
+    buffers_[token].resize(bytes);
+    return token;
+}
+
+void RingAllReduce::save_before_overwrite(int64_t piece, uint64_t offset, uint64_t elems) {
+    if (!in_place() || saved_[static_cast<size_t>(piece)]) return;
+    std::memcpy(p_.backup + offset * elem_, p_.recv + offset * elem_, elems * elem_);
+    saved_[static_cast<size_t>(piece)] = 1;
+}
+
 void RingAllReduce::start(PieceSink& sink) {
     const uint32_t c = my_chunk();
     const uint64_t end = plan_.chunk_end(c);
@@ -35,20 +51,26 @@ void RingAllReduce::start(PieceSink& sink) {
         const uint64_t n = std::min(plan_.piece_elems(), end - off);
         // In place this reads the caller's buffer, which keeps these pieces until they come back
         // around in all-gather, after the next peer has received them.
-        sink.send_piece(wire::RingPhase::REDUCE_SCATTER, off, n, in_place() ? p_.recv + off * elem_ : p_.send + off * elem_);
+        const uint8_t* src = in_place() ? p_.recv + off * elem_ : p_.send + off * elem_;
+        if (!p_.quant) {
+            sink.send_piece(wire::RingPhase::REDUCE_SCATTER, off, wire_bytes(n), src, 0);
+            continue;
+        }
+        const uint64_t token = new_buffer(wire_bytes(n));
+        uint8_t* wire = buffers_[token].data();
+        kernels::quant::quantize(*p_.quant, src, n, wire);
+        sink.send_piece(wire::RingPhase::REDUCE_SCATTER, off, wire_bytes(n), wire, token);
     }
 }
 
 uint8_t* RingAllReduce::accept_piece(wire::RingPhase phase, uint64_t offset, uint32_t bytes, std::string& error) {
-    if (bytes % elem_ != 0) {
-        error = "piece length is not a whole number of elements";
+    const uint64_t n = plan_.piece_elems_at(offset);
+    if (n == 0 || bytes != wire_bytes(n)) {
+        error = "piece at element " + std::to_string(offset) + " of " + std::to_string(bytes) +
+                " bytes does not match this operation's plan";
         return nullptr;
     }
-    const int64_t index = plan_.piece_index(offset, bytes / elem_);
-    if (index < 0) {
-        error = "piece at element " + std::to_string(offset) + " does not match this operation's plan";
-        return nullptr;
-    }
+    const int64_t index = plan_.piece_index(offset, n);
     const uint32_t c = plan_.chunk_of(offset);
     const bool rs = phase == wire::RingPhase::REDUCE_SCATTER;
     if ((rs && c == my_chunk()) || (!rs && c == owned_chunk())) {
@@ -61,12 +83,13 @@ uint8_t* RingAllReduce::accept_piece(wire::RingPhase phase, uint64_t offset, uin
         return nullptr;
     }
     seen = 1;
-    uint8_t* dest = p_.recv + offset * elem_;
-    if (in_place() && !saved_[static_cast<size_t>(index)]) {
-        std::memcpy(p_.backup + offset * elem_, dest, bytes);
-        saved_[static_cast<size_t>(index)] = 1;
+    if (p_.quant) {  // quantized bytes land in a buffer of their own, decoded on arrival
+        const uint64_t token = new_buffer(bytes);
+        staging_[(static_cast<uint64_t>(rs ? 0 : 1) << 63) | static_cast<uint64_t>(index)] = token;
+        return buffers_[token].data();
     }
-    return dest;
+    save_before_overwrite(index, offset, n);
+    return p_.recv + offset * elem_;
 }
 
 void RingAllReduce::restore_input() {
@@ -85,20 +108,54 @@ void RingAllReduce::restore_input() {
 
 void RingAllReduce::on_piece_received(PieceSink& sink, wire::RingPhase phase, uint64_t offset, uint32_t bytes) {
     --pieces_left_;
-    const uint64_t n = bytes / elem_;
+    const uint64_t n = plan_.piece_elems_at(offset);
+    const int64_t piece = plan_.piece_index(offset, n);
+    if (p_.quant) return on_quantized_piece(sink, phase, offset, n, piece);
     uint8_t* data = p_.recv + offset * elem_;
     const uint32_t c = plan_.chunk_of(offset);
     if (phase == wire::RingPhase::REDUCE_SCATTER) {
         if (c == owned_chunk()) {
             // Last hop: this value is final. It is computed here and nowhere else.
             kernels::reduce_finalize(p_.dtype, p_.op, data, input_at(offset), n, p_.world);
-            sink.send_piece(wire::RingPhase::ALL_GATHER, offset, n, data);
+            sink.send_piece(wire::RingPhase::ALL_GATHER, offset, bytes, data, 0);
         } else {
             kernels::reduce_into(p_.dtype, p_.op, data, input_at(offset), n);
-            sink.send_piece(wire::RingPhase::REDUCE_SCATTER, offset, n, data);
+            sink.send_piece(wire::RingPhase::REDUCE_SCATTER, offset, bytes, data, 0);
         }
     } else if (c != chunk_owned_by_next()) {
-        sink.send_piece(wire::RingPhase::ALL_GATHER, offset, n, data);
+        sink.send_piece(wire::RingPhase::ALL_GATHER, offset, bytes, data, 0);
+    }
+}
+
+void RingAllReduce::on_quantized_piece(PieceSink& sink, wire::RingPhase phase, uint64_t offset, uint64_t n,
+                                       int64_t piece) {
+    const bool rs = phase == wire::RingPhase::REDUCE_SCATTER;
+    auto node = staging_.extract((static_cast<uint64_t>(rs ? 0 : 1) << 63) | static_cast<uint64_t>(piece));
+    const uint64_t in_token = node.mapped();
+    const uint8_t* in = buffers_[in_token].data();
+    const auto& f = *p_.quant;
+    const uint32_t bytes = wire_bytes(n);
+    uint8_t* dest = p_.recv + offset * elem_;
+    const uint32_t c = plan_.chunk_of(offset);
+    save_before_overwrite(piece, offset, n);
+    if (!rs) {
+        kernels::quant::dequantize(f, in, n, dest);
+        if (c != chunk_owned_by_next()) sink.send_piece(wire::RingPhase::ALL_GATHER, offset, bytes, in, in_token);
+        else buffers_.erase(in_token);
+        return;
+    }
+    const bool last_hop = c == owned_chunk();
+    kernels::quant::dequantize_reduce(f, p_.op, in, input_at(offset), n, dest, last_hop ? p_.world : 0);
+    buffers_.erase(in_token);
+    const uint64_t out_token = new_buffer(bytes);
+    uint8_t* out = buffers_[out_token].data();
+    kernels::quant::quantize(f, dest, n, out);
+    if (last_hop) {
+        // The owner keeps what everybody else will decode, not its full-precision sum.
+        kernels::quant::dequantize(f, out, n, dest);
+        sink.send_piece(wire::RingPhase::ALL_GATHER, offset, bytes, out, out_token);
+    } else {
+        sink.send_piece(wire::RingPhase::REDUCE_SCATTER, offset, bytes, out, out_token);
     }
 }
 

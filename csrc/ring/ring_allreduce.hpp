@@ -11,10 +11,13 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "common/types.hpp"
+#include "kernels/quantize.hpp"
 #include "ring/ring_plan.hpp"
 #include "wire/data_frame.hpp"
 
@@ -24,9 +27,11 @@ namespace pccl::ring {
 class PieceSink {
 public:
     virtual ~PieceSink() = default;
-    // Queue `count` elements at `offset` of `data` for the next peer. `data` stays valid and
-    // unmodified until the transport reports the send done.
-    virtual void send_piece(wire::RingPhase phase, uint64_t offset, uint64_t count, const uint8_t* data) = 0;
+    // Queue the piece at element `offset` (`bytes` of `data` on the wire) for the next peer. `data`
+    // stays valid and unmodified until the transport reports the send done with the same `token`
+    // (0: the data lives in the caller's buffers; otherwise a buffer the ring owns).
+    virtual void send_piece(wire::RingPhase phase, uint64_t offset, uint32_t bytes, const uint8_t* data,
+                            uint64_t token) = 0;
 };
 
 class RingAllReduce {
@@ -41,6 +46,10 @@ public:
         uint32_t world = 1;
         uint32_t rank = 0;
         uint64_t piece_elems = 1;
+        // Quantized on the wire: every hop dequantizes, reduces in full precision and quantizes
+        // again; the owner quantizes the final value once and adopts its dequantized form, so
+        // every peer decodes the same bytes into the same bits.
+        std::optional<kernels::quant::Format> quant;
     };
 
     explicit RingAllReduce(const Params& p);
@@ -57,7 +66,10 @@ public:
     void restore_input();
 
     void on_piece_queued() { ++sends_outstanding_; }
-    void on_piece_sent() { --sends_outstanding_; }
+    void on_piece_sent(uint64_t token) {
+        --sends_outstanding_;
+        if (token != 0) buffers_.erase(token);
+    }
     bool complete() const { return pieces_left_ == 0 && sends_outstanding_ == 0; }
     size_t element_bytes() const { return elem_; }
 
@@ -67,6 +79,10 @@ private:
     uint32_t chunk_owned_by_next() const { return (p_.rank + 2) % p_.world; }
     uint32_t my_chunk() const { return p_.rank; }
     uint32_t owned_chunk() const { return (p_.rank + 1) % p_.world; }
+    uint32_t wire_bytes(uint64_t elems) const;
+    void save_before_overwrite(int64_t piece, uint64_t offset, uint64_t elems);
+    uint64_t new_buffer(size_t bytes);
+    void on_quantized_piece(PieceSink& sink, wire::RingPhase phase, uint64_t offset, uint64_t elems, int64_t piece);
     // The local contribution at `offset`: the send buffer, or in place the saved copy.
     const uint8_t* input_at(uint64_t offset) const { return (p_.send ? p_.send : p_.backup) + offset * elem_; }
     bool in_place() const { return p_.send == nullptr; }
@@ -76,6 +92,10 @@ private:
     RingPlan plan_;
     std::vector<uint8_t> seen_[2];  // per phase, per piece: accepted already
     std::vector<uint8_t> saved_;    // in place, per piece: copied to backup before its first overwrite
+    // Quantized pieces the ring owns (to send, or received and waiting to be decoded/forwarded).
+    std::unordered_map<uint64_t, std::vector<uint8_t>> buffers_;
+    std::unordered_map<uint64_t, uint64_t> staging_;  // (phase, piece) -> token of its received bytes
+    uint64_t next_token_ = 1;
     uint64_t pieces_left_ = 0;
     uint64_t sends_outstanding_ = 0;
 };

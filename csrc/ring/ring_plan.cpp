@@ -34,4 +34,12 @@ int64_t RingPlan::piece_index(uint64_t offset, uint64_t elems) const {
     return static_cast<int64_t>(piece_base_[c] + (offset - begin) / piece_elems_);
 }
 
+uint64_t RingPlan::piece_elems_at(uint64_t offset) const {
+    if (offset >= count_) return 0;
+    const uint32_t c = chunk_of(offset);
+    const uint64_t begin = chunk_begin(c), end = chunk_end(c);
+    if ((offset - begin) % piece_elems_ != 0) return 0;
+    return std::min(piece_elems_, end - offset);
+}
+
 }  // namespace pccl::ring

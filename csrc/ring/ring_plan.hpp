@@ -26,6 +26,8 @@ public:
     // Global index of the piece starting at `offset`, or -1 if no piece starts there with
     // exactly `elems` elements.
     int64_t piece_index(uint64_t offset, uint64_t elems) const;
+    // Elements of the piece starting at `offset`, or 0 if no piece starts there.
+    uint64_t piece_elems_at(uint64_t offset) const;
 
 private:
     uint64_t count_;
