@@ -22,6 +22,7 @@ namespace py = pybind11;
 using namespace pccl;
 
 void bind_quant(pybind11::module_&);  // bindings/quant_bindings.cpp
+void bind_send_queue(pybind11::module_&);  // bindings/send_queue_bindings.cpp
 
 namespace {
 
@@ -229,4 +230,5 @@ PYBIND11_MODULE(_core, m) {
     });
 
     bind_quant(m);
+    bind_send_queue(m);
 }

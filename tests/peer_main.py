@@ -394,12 +394,16 @@ def scenario_concurrency(spec: dict[str, Any]) -> None:
     huge = np.full(spec.get("huge", 32 << 20), 1.0, dtype=np.float32)
     out = np.empty_like(huge)
     small = np.full(1024, 1.0, dtype=np.float32)
+    t0 = time.monotonic()
     h_big = comm.all_reduce_async(huge, out, tag=500)
+    t_big_call = time.monotonic() - t0
     h_small = comm.all_reduce_async(small, small, tag=501)
+    t_small_call = time.monotonic() - t0
     h_small.wait()
+    small_s = time.monotonic() - t0
     big_done_when_small_done = h_big.done()
     h_big.wait()
-    emit(event="fair", big_done_first=big_done_when_small_done)
+    emit(event="fair", big_done_first=big_done_when_small_done, calls=(t_big_call, t_small_call), small_s=small_s, big_s=time.monotonic() - t0)
     comm.close()
 
 

@@ -18,7 +18,7 @@ def test_many_ops_in_flight(cluster, pool):
         assert events["update_in_flight"]["refused"] and events["update_in_flight"]["result"] == "PENDING_ASYNC_OPS"
         assert events["first_after_duplicate"]["ok"] and events["first_after_duplicate"]["value"] == 3.0
         assert events["threads"]["errors"] == [] and events["threads"]["pending"] == [False] * 3
-        assert not events["fair"]["big_done_first"], "a small op must not wait behind a big one's whole queue"
+        assert not events["fair"]["big_done_first"], f"a small op must not wait behind a big one's whole queue: {events['fair']}"
 
 
 def test_peer_death_fails_every_op_in_flight_then_retry_succeeds(cluster):

@@ -36,7 +36,13 @@ size_t FairSendQueue::gather(iovec* iov, size_t max_iov, std::vector<SendItem*>&
         iov[n++] = {const_cast<uint8_t*>(item.data) + payload_sent, left};
         return true;
     };
-    if (partial_uid_ != 0 && !add(fifo_.at(partial_uid_).front())) return n;
+    if (partial_uid_ != 0) {
+        // The rest of the half-written frame goes first, and then every other op (including one
+        // that arrived since) gets a frame before this op gets its next. Without this a big op
+        // whose frames never fit one write would keep the lead forever and starve the rest.
+        rotate_after(partial_uid_);
+        if (!add(fifo_.at(partial_uid_).front())) return n;
+    }
     // Round robin: the k-th frame of every op before anybody's (k+1)-th.
     for (size_t round = 0;; ++round) {
         bool any = false;

@@ -374,6 +374,7 @@ void Session::on_go(const wire::OpGo& go) {
     h->ring = std::make_unique<ring::RingAllReduce>(p);
     h->phase = ReduceHandle::Phase::RUNNING;
     h->recv_written = true;
+    PCCL_LOG(DEBUG, "peer ", my_id_.load(), ": all-reduce tag=", go.tag, " uid=", go.op_uid, " go, rank ", go.rank, "/", go.world);
     data_plane_.start_op(go.op_uid, h->ring.get(), go.prev_peer, go.next_peer);
 }
 
@@ -383,6 +384,7 @@ void Session::on_op_complete(uint64_t uid) {
     auto h = ops_by_tag_.at(t->second);
     if (h->phase != ReduceHandle::Phase::RUNNING) return;
     h->phase = ReduceHandle::Phase::LOCAL_DONE;
+    PCCL_LOG(DEBUG, "peer ", my_id_.load(), ": all-reduce tag=", h->request.tag, " uid=", uid, " done locally");
     send_master(wire::OpEnd{h->request.tag, uid, 1, 0, ""});
 }
 

@@ -51,6 +51,11 @@ inline constexpr size_t kMaxIncomingP2PConnections = 4096;
 inline constexpr milliseconds kP2PHandshakeDeadline{5000};
 inline constexpr milliseconds kMasterConnectRetryDelay{500};
 inline constexpr int kSocketBufferBytes = 4 * 1024 * 1024;
+// Unsent bytes a data socket may hold before write() says EAGAIN (TCP_NOTSENT_LOWAT). Bytes on the
+// wire awaiting ACK do not count, so a long fat pipe still fills; what it bounds is the queue that
+// sits *behind* the wire, which is what a small op would otherwise wait out after a big op's frames.
+// The fair send queue can only interleave ops while frames are still in user space.
+inline constexpr int kNotSentLowWatermarkBytes = 256 * 1024;
 
 // ---- ring ----
 // Pieces are the unit of pipelining and striping: small enough that the ring streams and every

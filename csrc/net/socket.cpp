@@ -43,8 +43,18 @@ int data_socket_buffer_bytes() {
     return bytes;
 }
 
+int data_notsent_lowat_bytes() {
+    static const int bytes = [] {
+        if (const char* env = std::getenv("PCCL_NOTSENT_LOWAT_BYTES")) return static_cast<int>(std::strtol(env, nullptr, 10));
+        return limits::kNotSentLowWatermarkBytes;
+    }();
+    return bytes;
+}
+
 void tune_data_socket(int fd) {
     tune_control_socket(fd);
+    if (int lowat = data_notsent_lowat_bytes(); lowat > 0)
+        setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat));
     int bytes = data_socket_buffer_bytes();
     if (bytes <= 0) return;  // 0: leave the kernel's autotuning on
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes));

@@ -1,0 +1,56 @@
+// The data plane's fair send queue, driven from tests without sockets: which frames a sequence of
+// pushes and short writes completes, in what order. Fairness bugs hide behind kernel buffers and
+// CPU load in end-to-end tests; here they are deterministic.
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "client/send_queue.hpp"
+#include "common/limits.hpp"
+
+namespace py = pybind11;
+
+using namespace pccl;
+
+void bind_send_queue(py::module_& m) {
+    auto sq = m.def_submodule("send_queue", "the data plane's fair send queue, for tests");
+    // steps: ("push", uid, payload_bytes) queues a frame; ("write", bytes) lets the "socket" take
+    // that many bytes of what the queue gathers. Returns the uids of completed frames, in order.
+    sq.def("simulate", [](const std::vector<std::tuple<std::string, uint64_t, uint64_t>>& steps) {
+        static const std::vector<uint8_t> payload(limits::kMaxPieceBytes * 4);
+        client::FairSendQueue queue;
+        std::vector<uint64_t> completed;
+        std::vector<client::SendItem*> order;
+        iovec iov[limits::kMaxSendBatchIov * 2];
+        for (const auto& [kind, a, b] : steps) {
+            if (kind == "push") {
+                if (a == 0) throw py::value_error("uid 0 is reserved");
+                if (b > payload.size()) throw py::value_error("frame larger than " + std::to_string(payload.size()));
+                client::SendItem item;
+                std::memset(item.header, 0, sizeof(item.header));
+                item.data = payload.data();
+                item.length = static_cast<uint32_t>(b);
+                item.uid = a;
+                queue.push(item);
+            } else if (kind == "write") {
+                size_t budget = a;
+                while (budget > 0 && !queue.empty()) {
+                    const size_t n = queue.gather(iov, std::size(iov), order);
+                    size_t offered = 0;
+                    for (size_t i = 0; i < n; ++i) offered += iov[i].iov_len;
+                    const size_t took = std::min(budget, offered);
+                    queue.advance(took, order, [&](const client::SendItem& item) { completed.push_back(item.uid); });
+                    budget -= took;
+                }
+            } else {
+                throw py::value_error("unknown step '" + kind + "': use 'push' or 'write'");
+            }
+        }
+        return completed;
+    }, py::arg("steps"));
+    sq.attr("HEADER_BYTES") = wire::kDataHeaderBytes;
+}
