@@ -17,6 +17,7 @@ def test_matrix(cluster, world, pool):
     peers = [c.peer("matrix", index=i, world=world, pool=pool) for i in range(world)]
     results = [p.finish(timeout=MATRIX_TIMEOUT_S) for p in peers]
     digests: dict[str, set[str]] = defaultdict(set)
+    traffic: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     cases = 0
     for events in results:
         for e in events:
@@ -26,6 +27,13 @@ def test_matrix(cluster, world, pool):
             assert e["ok"], f"wrong result: {e}"
             assert e["world"] == world
             digests[e["case"]].add(e["digest"])
+            traffic[e["case"]][0] += e["tx"]
+            traffic[e["case"]][1] += e["rx"]
     assert cases > 0 and cases % world == 0
     differing = {case: d for case, d in digests.items() if len(d) != 1}
     assert not differing, f"peers disagree bit-wise on {differing}"
+    # ReduceInfo counts every byte once on each side, the last op of the run included (a neighbour
+    # that closes right after it must not wipe this peer's figures).
+    for case, (tx, rx) in traffic.items():
+        nonzero = not case.split("/")[2] == "0"
+        assert tx == rx and (tx > 0) == nonzero, f"{case}: peers sent {tx} bytes in all and received {rx}"

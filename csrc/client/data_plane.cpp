@@ -711,7 +711,12 @@ void DataPlane::finish_sync_frame(InConn& c) {
 }
 
 void DataPlane::fail_op(uint64_t uid, const Status& why, PeerId suspect) {
-    if (!ops_.contains(uid)) return;
+    auto it = ops_.find(uid);
+    if (it == ops_.end()) return;
+    // An op whose ring part is complete has all its bytes; whether it succeeded is the master's call
+    // (OP_RESULT), and its statistics must survive until then. A neighbour closing its connections
+    // right after its own last op is normal, not a failure of this one.
+    if (it->second.ring->complete()) return;
     events_.on_op_failed(uid, why, suspect);
     remove_op(uid);  // in case the owner did not
 }
