@@ -145,10 +145,11 @@ class Cluster:
                 return int(m.group(1))
         raise AssertionError("master did not report its port")
 
-    def peer(self, scenario: str, name: str | None = None, env: dict[str, str] | None = None, **args: Any) -> Proc:
+    def peer(self, scenario: str, name: str | None = None, env: dict[str, str] | None = None,
+             script: Path = PEER_MAIN, **args: Any) -> Proc:
         spec = {"scenario": scenario, "master": args.pop("master", self.address), **args}
         label = name or f"peer[{scenario}:{args.get('index', len(self.procs))}]"
-        return self._track(Proc([sys.executable, str(PEER_MAIN), json.dumps(spec)], label, env))
+        return self._track(Proc([sys.executable, str(script), json.dumps(spec)], label, env))
 
     def master_alive(self) -> bool:
         return self.master.alive

@@ -1,0 +1,108 @@
+"""A DiLoCo training peer for the tests: a small MLP on synthetic regression data, reporting every
+outer step (and a digest of its shared state) as JSON lines on stdout.
+
+Usage: python diloco_peer.py '<json spec>'. Spec keys: master, index, outer_steps, inner_steps,
+asynchronous, hidden, pool, quantize, inner_sleep (seconds per inner step), die_at (outer step at
+which to SIGKILL itself) with die_in ("reduce": right after launching the pseudo-gradient reduce;
+"sync": a moment into the shared-state sync; "inner": during the inner phase).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import torch
+
+import pccl
+from pccl.diloco import DiLoCo
+
+torch.set_num_threads(1)
+
+
+def emit(**event: Any) -> None:
+    event.setdefault("t", time.time())
+    print(json.dumps(event), flush=True)
+
+
+def die() -> None:
+    emit(event="dying")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    index = spec["index"]
+    torch.manual_seed(1000 + index)  # every peer starts from different weights: the sync decides
+    hidden = spec.get("hidden", 32)
+    model = torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    comm = pccl.Communicator(spec["master"], p2p_connection_pool_size=spec.get("pool", 1))
+    comm.connect(n_attempts=40)
+    quant = pccl.QuantizationOptions(pccl.DataType.UINT8, pccl.QuantizationAlgorithm.MIN_MAX) \
+        if spec.get("quantize") else None
+    diloco = DiLoCo(model, inner, comm, inner_steps=spec.get("inner_steps", 4), quantization=quant,
+                    asynchronous=spec.get("asynchronous", False))
+
+    die_at, die_in = spec.get("die_at"), spec.get("die_in", "inner")
+    if die_at is not None and die_in == "reduce":
+        # Die with the pseudo-gradient reduce in flight on every other peer.
+        launch = diloco._batches[0].launch.__func__
+
+        def launch_then_die(batch: Any, *args: Any) -> None:
+            launch(batch, *args)
+            if diloco.outer_step >= die_at:
+                die()
+        for b in diloco._batches:
+            b.launch = launch_then_die.__get__(b)
+    if die_at is not None and die_in == "sync":
+        real_sync = comm.sync_shared_state
+
+        def sync_then_die(*args: Any, **kwargs: Any) -> Any:
+            if diloco.outer_step >= die_at:
+                threading.Timer(0.002, die).start()
+            return real_sync(*args, **kwargs)
+        comm.sync_shared_state = sync_then_die
+
+    # Each peer sees its own slice of one regression problem.
+    gen = torch.Generator().manual_seed(7)
+    w_true = torch.randn(8, 1, generator=gen)
+    data_gen = torch.Generator().manual_seed(100 + index)
+
+    tx, rx = diloco.join()
+    emit(event="joined", step=diloco.outer_step, digest=diloco.state_digest(), rx=rx)
+    last_loss = float("nan")
+    while diloco.outer_step < spec["outer_steps"]:
+        x = torch.randn(64, 8, generator=data_gen)
+        y = torch.tanh(x @ w_true)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        inner.step()
+        inner.zero_grad()
+        last_loss = float(loss)
+        if spec.get("inner_sleep"):
+            time.sleep(spec["inner_sleep"])
+        if die_at is not None and die_in == "inner" and diloco.outer_step >= die_at:
+            die()
+        report = diloco.step()
+        if report is not None:
+            emit(event="outer", step=report.outer_step, applied=report.applied, world=report.world_size,
+                 contributors=report.contributors, digest=diloco.state_digest(), loss=last_loss,
+                 tx=report.reduce_tx_bytes, sync_rx=report.sync_rx_bytes)
+    final = diloco.finish()
+    emit(event="done", step=diloco.outer_step, final_applied=None if final is None else final.applied,
+         digest=diloco.state_digest(), loss=last_loss)
+    comm.close()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # report, then fail the process so the test sees it
+        emit(event="error", error=repr(e))
+        raise
