@@ -2,7 +2,8 @@
 outer step (and a digest of its shared state) as JSON lines on stdout.
 
 Usage: python diloco_peer.py '<json spec>'. Spec keys: master, index, outer_steps, inner_steps,
-asynchronous, hidden, pool, quantize, inner_sleep (seconds per inner step), die_at (outer step at
+asynchronous, hidden, pool, quantize, world (wait for this many peers first),
+start_file (connect only once this file exists), inner_sleep (seconds per inner step), die_at (outer step at
 which to SIGKILL itself) with die_in ("reduce": right after launching the pseudo-gradient reduce;
 "sync": a moment into the shared-state sync; "inner": during the inner phase).
 """
@@ -42,6 +43,12 @@ def main() -> None:
     hidden = spec.get("hidden", 32)
     model = torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if spec.get("start_file"):  # a late joiner: torch is imported, now wait for the test's go
+        deadline = time.monotonic() + 120
+        while not os.path.exists(spec["start_file"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError("never told to start")
+            time.sleep(0.01)
     comm = pccl.Communicator(spec["master"], p2p_connection_pool_size=spec.get("pool", 1))
     comm.connect(n_attempts=40)
     quant = pccl.QuantizationOptions(pccl.DataType.UINT8, pccl.QuantizationAlgorithm.MIN_MAX) \
@@ -74,8 +81,18 @@ def main() -> None:
     w_true = torch.randn(8, 1, generator=gen)
     data_gen = torch.Generator().manual_seed(100 + index)
 
+    if spec.get("world"):  # start together: pump membership until this many peers are in
+        deadline = time.monotonic() + 60
+        while comm.get_attribute(pccl.Attribute.LOCAL_WORLD_SIZE) < spec["world"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the other peers did not arrive")
+            if comm.are_peers_pending():
+                comm.update_topology()
+            else:
+                time.sleep(0.02)
     tx, rx = diloco.join()
-    emit(event="joined", step=diloco.outer_step, digest=diloco.state_digest(), rx=rx)
+    emit(event="joined", step=diloco.outer_step, digest=diloco.state_digest(), rx=rx,
+         params=sum(p.numel() for p in model.parameters()))
     last_loss = float("nan")
     while diloco.outer_step < spec["outer_steps"]:
         x = torch.randn(64, 8, generator=data_gen)
@@ -84,7 +101,7 @@ def main() -> None:
         loss.backward()
         inner.step()
         inner.zero_grad()
-        last_loss = float(loss)
+        last_loss = float(loss.detach())
         if spec.get("inner_sleep"):
             time.sleep(spec["inner_sleep"])
         if die_at is not None and die_in == "inner" and diloco.outer_step >= die_at:
@@ -93,7 +110,7 @@ def main() -> None:
         if report is not None:
             emit(event="outer", step=report.outer_step, applied=report.applied, world=report.world_size,
                  contributors=report.contributors, digest=diloco.state_digest(), loss=last_loss,
-                 tx=report.reduce_tx_bytes, sync_rx=report.sync_rx_bytes)
+                 tx=report.reduce_tx_bytes, sync_rx=report.sync_rx_bytes, waited=report.waited_s)
     final = diloco.finish()
     emit(event="done", step=diloco.outer_step, final_applied=None if final is None else final.applied,
          digest=diloco.state_digest(), loss=last_loss)
