@@ -4,7 +4,7 @@ outer step (and a digest of its shared state) as JSON lines on stdout.
 Usage: python diloco_peer.py '<json spec>'. Spec keys: master, index, outer_steps, inner_steps,
 asynchronous, hidden, pool, quantize, world (wait for this many peers first),
 start_file (connect only once this file exists), inner_sleep (seconds per inner step), die_at (outer step at
-which to SIGKILL itself) with die_in ("reduce": right after launching the pseudo-gradient reduce;
+which to SIGKILL itself) with die_in ("reduce": with the pseudo-gradient reduce half launched;
 "sync": a moment into the shared-state sync; "inner": during the inner phase).
 """
 
@@ -21,14 +21,21 @@ from typing import Any
 import torch
 
 import pccl
-from pccl.diloco import DiLoCo
+from pccl.diloco import TAG_BASE, DiLoCo
 
 torch.set_num_threads(1)
 
 
+_EMIT_LOCK = threading.Lock()
+
+
 def emit(**event: Any) -> None:
+    """One JSON line per event, whole even when a timer thread reports at the same moment."""
     event.setdefault("t", time.time())
-    print(json.dumps(event), flush=True)
+    line = json.dumps(event) + "\n"
+    with _EMIT_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def die() -> None:
@@ -58,15 +65,15 @@ def main() -> None:
 
     die_at, die_in = spec.get("die_at"), spec.get("die_in", "inner")
     if die_at is not None and die_in == "reduce":
-        # Die with the pseudo-gradient reduce in flight on every other peer.
-        launch = diloco._batches[0].launch.__func__
+        # Die between launching the first op of the pseudo-gradient batch and the next: the others'
+        # reduce is then certainly in flight and cannot complete.
+        real_launch = comm.all_reduce_async
 
-        def launch_then_die(batch: Any, *args: Any) -> None:
-            launch(batch, *args)
-            if diloco.outer_step >= die_at:
+        def launch_or_die(*args: Any, **kwargs: Any) -> Any:
+            if diloco.outer_step >= die_at and kwargs.get("tag") == TAG_BASE + 1:
                 die()
-        for b in diloco._batches:
-            b.launch = launch_then_die.__get__(b)
+            return real_launch(*args, **kwargs)
+        comm.all_reduce_async = launch_or_die
     if die_at is not None and die_in == "sync":
         real_sync = comm.sync_shared_state
 

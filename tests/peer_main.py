@@ -25,9 +25,16 @@ ALL_DTYPES = INT_DTYPES + FLOAT_DTYPES + ["bfloat16"]
 OPS = ["SUM", "AVG", "PROD", "MAX", "MIN"]
 
 
+_EMIT_LOCK = threading.Lock()
+
+
 def emit(**event: Any) -> None:
+    """One JSON line per event, whole even when several threads report at once."""
     event.setdefault("t", time.time())
-    print(json.dumps(event), flush=True)
+    line = json.dumps(event) + "\n"
+    with _EMIT_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def digest(array: Any) -> str:
