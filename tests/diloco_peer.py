@@ -2,7 +2,7 @@
 outer step (and a digest of its shared state) as JSON lines on stdout.
 
 Usage: python diloco_peer.py '<json spec>'. Spec keys: master, index, outer_steps, inner_steps,
-asynchronous, hidden, pool, quantize, world (wait for this many peers first),
+asynchronous, hidden, pool, quantize, world (wait for this many peers first), outer_lr and outer_momentum,
 start_file (connect only once this file exists), inner_sleep (seconds per inner step), die_at (outer step at
 which to SIGKILL itself) with die_in ("reduce": with the pseudo-gradient reduce half launched;
 "sync": a moment into the shared-state sync; "inner": during the inner phase).
@@ -60,8 +60,13 @@ def main() -> None:
     comm.connect(n_attempts=40)
     quant = pccl.QuantizationOptions(pccl.DataType.UINT8, pccl.QuantizationAlgorithm.MIN_MAX) \
         if spec.get("quantize") else None
+    outer = None
+    if "outer_lr" in spec:
+        def outer(params: Any) -> Any:
+            return torch.optim.SGD(params, lr=spec["outer_lr"], momentum=spec.get("outer_momentum", 0.9),
+                                   nesterov=spec.get("outer_momentum", 0.9) > 0)
     diloco = DiLoCo(model, inner, comm, inner_steps=spec.get("inner_steps", 4), quantization=quant,
-                    asynchronous=spec.get("asynchronous", False))
+                    asynchronous=spec.get("asynchronous", False), outer_optimizer=outer)
 
     die_at, die_in = spec.get("die_at"), spec.get("die_in", "inner")
     if die_at is not None and die_in == "reduce":
