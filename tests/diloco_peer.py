@@ -2,7 +2,7 @@
 outer step (and a digest of its shared state) as JSON lines on stdout.
 
 Usage: python diloco_peer.py '<json spec>'. Spec keys: master, index, outer_steps, inner_steps,
-asynchronous, hidden, pool, quantize, world (wait for this many peers first), outer_lr and outer_momentum,
+asynchronous, hidden, pool, quantize, world (wait for this many peers first), outer_lr and outer_momentum, device (cpu or cuda),
 start_file (connect only once this file exists), inner_sleep (seconds per inner step), die_at (outer step at
 which to SIGKILL itself) with die_in ("reduce": with the pseudo-gradient reduce half launched;
 "sync": a moment into the shared-state sync; "inner": during the inner phase).
@@ -48,7 +48,8 @@ def main() -> None:
     index = spec["index"]
     torch.manual_seed(1000 + index)  # every peer starts from different weights: the sync decides
     hidden = spec.get("hidden", 32)
-    model = torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
+    device = spec.get("device", "cpu")
+    model = torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)).to(device)
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
     if spec.get("start_file"):  # a late joiner: torch is imported, now wait for the test's go
         deadline = time.monotonic() + 120
@@ -108,7 +109,8 @@ def main() -> None:
     last_loss = float("nan")
     while diloco.outer_step < spec["outer_steps"]:
         x = torch.randn(64, 8, generator=data_gen)
-        y = torch.tanh(x @ w_true)
+        y = torch.tanh(x @ w_true).to(device)
+        x = x.to(device)
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         inner.step()

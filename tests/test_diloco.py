@@ -128,3 +128,15 @@ def test_world_of_one_discards_the_step_and_waits(cluster, asynchronous, tmp_pat
     assert after and after[-1]["step"] >= 7 and all(e["applied"] and e["world"] == 2 for e in after), after
     joined = [e for e in runs[newcomer.name] if e.get("event") == "joined"][0]
     assert joined["step"] == discarded[0]["step"], (joined, discarded)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_cuda_model(cluster, asynchronous):
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the model lives on the GPU only when one is present")
+    c = cluster()
+    peers = [start(c, i, outer_steps=4, asynchronous=asynchronous, world=2, device="cuda") for i in range(2)]
+    runs = {p.name: p.finish(timeout=RUN_TIMEOUT_S) for p in peers}
+    assert_parity(runs)
+    assert all(any(e["applied"] for e in outer_events(r)) for r in runs.values())
