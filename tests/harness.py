@@ -117,9 +117,11 @@ class Proc:
 class Cluster:
     """A master and its peers for one test; `with Cluster() as c:` kills everything on the way out."""
 
-    def __init__(self, peer_timeout_s: float | None = None, listen: str = "127.0.0.1:0") -> None:
+    def __init__(self, peer_timeout_s: float | None = None, listen: str = "127.0.0.1:0",
+                 prefix: list[str] | None = None) -> None:
         self.procs: list[Proc] = []
-        argv = [sys.executable, "-m", "pccl.master", "--listen-address", listen]
+        self.prefix = list(prefix or [])  # e.g. ["ip", "netns", "exec", NAME]: run everything there
+        argv = self.prefix + [sys.executable, "-m", "pccl.master", "--listen-address", listen]
         if peer_timeout_s is not None:
             argv += ["--peer-timeout", str(peer_timeout_s)]
         self.master = self._track(Proc(argv, "master"))
@@ -149,7 +151,7 @@ class Cluster:
              script: Path = PEER_MAIN, **args: Any) -> Proc:
         spec = {"scenario": scenario, "master": args.pop("master", self.address), **args}
         label = name or f"peer[{scenario}:{args.get('index', len(self.procs))}]"
-        return self._track(Proc([sys.executable, str(script), json.dumps(spec)], label, env))
+        return self._track(Proc(self.prefix + [sys.executable, str(script), json.dumps(spec)], label, env))
 
     def master_alive(self) -> bool:
         return self.master.alive
