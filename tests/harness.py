@@ -148,10 +148,10 @@ class Cluster:
         raise AssertionError("master did not report its port")
 
     def peer(self, scenario: str, name: str | None = None, env: dict[str, str] | None = None,
-             script: Path = PEER_MAIN, **args: Any) -> Proc:
+             program: Path = PEER_MAIN, **args: Any) -> Proc:
         spec = {"scenario": scenario, "master": args.pop("master", self.address), **args}
         label = name or f"peer[{scenario}:{args.get('index', len(self.procs))}]"
-        return self._track(Proc(self.prefix + [sys.executable, str(script), json.dumps(spec)], label, env))
+        return self._track(Proc(self.prefix + [sys.executable, str(program), json.dumps(spec)], label, env))
 
     def master_alive(self) -> bool:
         return self.master.alive

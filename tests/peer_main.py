@@ -40,7 +40,7 @@ def emit(**event: Any) -> None:
 def digest(array: Any) -> str:
     if hasattr(array, "numpy"):  # torch: hash the raw bytes, bfloat16 included
         import torch
-        array = array.contiguous().view(torch.uint8 if array.element_size() == 1 else torch.int16
+        array = array.detach().cpu().contiguous().view(torch.uint8 if array.element_size() == 1 else torch.int16
                                         if array.element_size() == 2 else torch.int32
                                         if array.element_size() == 4 else torch.int64).numpy()
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
@@ -114,12 +114,13 @@ def tolerance(dtype: str, op: str, n: int) -> float:
 
 
 def as_buffer(values: np.ndarray, dtype: str, backend: str = "numpy"):
-    if dtype == "bfloat16":
+    """numpy as is; "torch" a CPU tensor; "cuda" a tensor on the GPU (bfloat16 always via torch)."""
+    if dtype == "bfloat16" or backend in ("torch", "cuda"):
         import torch
-        return torch.from_numpy(values).to(torch.bfloat16)
-    if backend == "torch":
-        import torch
-        return torch.from_numpy(values)
+        t = torch.from_numpy(values)
+        if dtype == "bfloat16":
+            t = t.to(torch.bfloat16)
+        return t.cuda() if backend == "cuda" else t
     return values
 
 

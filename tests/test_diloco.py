@@ -21,7 +21,7 @@ ALONE_S = 1.5
 
 def start(c: Any, index: int, **spec: Any) -> Proc:
     spec.setdefault("inner_steps", 4)
-    return c.peer("diloco", script=PEER, index=index, **spec)
+    return c.peer("diloco", program=PEER, index=index, **spec)
 
 
 def outer_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -132,12 +132,14 @@ def test_content_inequality_is_tolerated_at_the_same_revision(cluster):
     assert synced(procs[0])["digests"]["noise"] != synced(procs[1])["digests"]["noise"]
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("backend", ["numpy", "torch", "cuda"])
 def test_every_dtype_including_16_bit(cluster, backend):
-    if backend == "torch":
-        pytest.importorskip("torch", reason="torch is an optional extra; CI installs it")
+    if backend != "numpy":
+        torch = pytest.importorskip("torch", reason="torch is an optional extra; CI installs it")
+        if backend == "cuda" and not torch.cuda.is_available():
+            pytest.skip("no CUDA device: CUDA tensors are synced only where a GPU is present")
     dtypes = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32",
-              "float64"] + (["bfloat16"] if backend == "torch" else [])
+              "float64"] + (["bfloat16"] if backend != "numpy" else [])
     good = [[f"t_{d}", d, 1001 + i, i, 0] for i, d in enumerate(dtypes)]
     stale = [[f"t_{d}", d, 1001 + i, 100 + i, 0] for i, d in enumerate(dtypes)]
     script = [["join", 2], ["sync", {}], ["hold", 0.3]]
