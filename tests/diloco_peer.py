@@ -2,9 +2,9 @@
 outer step (and a digest of its shared state) as JSON lines on stdout.
 
 Usage: python diloco_peer.py '<json spec>'. Spec keys: master, index, outer_steps, inner_steps,
-asynchronous, hidden, pool, quantize, world (wait for this many peers first), outer_lr and outer_momentum, device (cpu or cuda),
-start_file (connect only once this file exists), inner_sleep (seconds per inner step), die_at (outer step at
-which to SIGKILL itself) with die_in ("reduce": with the pseudo-gradient reduce half launched;
+asynchronous, hidden, pool, quantize, world (wait for this many peers first), outer_lr and
+outer_momentum, device (cpu or cuda), start_file (connect only once this file exists), inner_sleep
+(seconds per inner step), die_at (outer step at which to SIGKILL itself) with die_in ("reduce": with the pseudo-gradient reduce half launched;
 "sync": a moment into the shared-state sync; "inner": during the inner phase).
 """
 
@@ -22,20 +22,9 @@ import torch
 
 import pccl
 from pccl.diloco import TAG_BASE, DiLoCo
+from peer_main import emit, join
 
 torch.set_num_threads(1)
-
-
-_EMIT_LOCK = threading.Lock()
-
-
-def emit(**event: Any) -> None:
-    """One JSON line per event, whole even when a timer thread reports at the same moment."""
-    event.setdefault("t", time.time())
-    line = json.dumps(event) + "\n"
-    with _EMIT_LOCK:
-        sys.stdout.write(line)
-        sys.stdout.flush()
 
 
 def die() -> None:
@@ -61,13 +50,13 @@ def main() -> None:
     comm.connect(n_attempts=40)
     quant = pccl.QuantizationOptions(pccl.DataType.UINT8, pccl.QuantizationAlgorithm.MIN_MAX) \
         if spec.get("quantize") else None
-    outer = None
+    outer_optimizer = None
     if "outer_lr" in spec:
-        def outer(params: Any) -> Any:
-            return torch.optim.SGD(params, lr=spec["outer_lr"], momentum=spec.get("outer_momentum", 0.9),
-                                   nesterov=spec.get("outer_momentum", 0.9) > 0)
+        momentum = spec.get("outer_momentum", 0.9)
+        outer_optimizer = lambda params: torch.optim.SGD(  # noqa: E731
+            params, lr=spec["outer_lr"], momentum=momentum, nesterov=momentum > 0)
     diloco = DiLoCo(model, inner, comm, inner_steps=spec.get("inner_steps", 4), quantization=quant,
-                    asynchronous=spec.get("asynchronous", False), outer_optimizer=outer)
+                    asynchronous=spec.get("asynchronous", False), outer_optimizer=outer_optimizer)
 
     die_at, die_in = spec.get("die_at"), spec.get("die_in", "inner")
     if die_at is not None and die_in == "reduce":
@@ -95,14 +84,7 @@ def main() -> None:
     data_gen = torch.Generator().manual_seed(100 + index)
 
     if spec.get("world"):  # start together: pump membership until this many peers are in
-        deadline = time.monotonic() + 60
-        while comm.get_attribute(pccl.Attribute.LOCAL_WORLD_SIZE) < spec["world"]:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the other peers did not arrive")
-            if comm.are_peers_pending():
-                comm.update_topology()
-            else:
-                time.sleep(0.02)
+        join(comm, spec["world"])
     tx, rx = diloco.join()
     emit(event="joined", step=diloco.outer_step, digest=diloco.state_digest(), rx=rx,
          params=sum(p.numel() for p in model.parameters()))
