@@ -119,17 +119,25 @@ class _Batch:
                                                       tag=TAG_BASE + 1 + i, quantization_options=quantization))
 
     def wait(self) -> tuple[bool, int]:
-        """Wait for every op; (all succeeded, the first failure's status)."""
-        ok, status = True, Result.SUCCESS.value
+        """Wait for every op; (all succeeded on one ring, the first failure's status).
+
+        Ops that all succeeded may still have run on different rings: a peer that dies after the
+        count op completed but before it launched the next op leaves that op to start (and succeed)
+        on the survivors. The sums and the count would then disagree, so that counts as a failure.
+        Within a phase membership only shrinks, so equal world sizes mean the same peers."""
+        ok, status, worlds = True, Result.SUCCESS.value, set()
         for h in self.handles:
             good, code, info = h.wait()
             if good:
+                worlds.add(info.local_world_size)
                 self.world = info.local_world_size
                 self.tx += info.tx_bytes
                 self.rx += info.rx_bytes
             elif ok:
                 ok, status = False, code
         self.handles = []
+        if ok and len(worlds) > 1:
+            return False, Result.RANK_CONNECTION_LOST.value
         return ok, status
 
 
