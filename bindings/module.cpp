@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -144,7 +145,19 @@ PYBIND11_MODULE(_core, m) {
         .def("run", [](master::MasterNode& self) { return as_tuple(self.run()); })
         .def("interrupt", &master::MasterNode::interrupt, py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("port", &master::MasterNode::port)
-        .def_property_readonly("running", &master::MasterNode::running);
+        .def_property_readonly("running", &master::MasterNode::running)
+        // The status page's JSON, or None (not running, or no answer in time); waits without the GIL.
+        .def("status_json", [](master::MasterNode& self) {
+            std::optional<std::string> json;
+            {
+                py::gil_scoped_release release;
+                json = self.status_json();
+            }
+            return json;
+        });
+    m.attr("STATUS_MAX_HTTP_CONNECTIONS") = limits::kMaxStatusHttpConnections;
+    m.attr("STATUS_HTTP_TIMEOUT_MS") = limits::kStatusHttpTimeout.count();
+    m.attr("STATUS_MAX_DROPPED_PEERS") = limits::kMaxDroppedPeersRemembered;
 
     py::class_<client::ReduceHandle, std::shared_ptr<client::ReduceHandle>>(m, "ReduceHandle")
         .def("wait", &wait_handle)

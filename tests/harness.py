@@ -118,22 +118,32 @@ class Cluster:
     """A master and its peers for one test; `with Cluster() as c:` kills everything on the way out."""
 
     def __init__(self, peer_timeout_s: float | None = None, listen: str = "127.0.0.1:0",
-                 prefix: list[str] | None = None) -> None:
+                 prefix: list[str] | None = None, status_port: int | None = None) -> None:
         self.procs: list[Proc] = []
         self.prefix = list(prefix or [])  # e.g. ["ip", "netns", "exec", NAME]: run everything there
         argv = self.prefix + [sys.executable, "-m", "pccl.master", "--listen-address", listen]
         if peer_timeout_s is not None:
             argv += ["--peer-timeout", str(peer_timeout_s)]
+        if status_port is not None:
+            argv += ["--status-port", str(status_port)]
         self.master = self._track(Proc(argv, "master"))
         self.port = self._read_port()
         host = listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
+        # With a status port: the page's port as the master printed it ("status on http://HOST:PORT/").
+        self.status_port = (None if status_port is None
+                            else self._read_line(r"^status on http://.*:(\d+)/$", "status port"))
+        self.status_url = None if self.status_port is None else f"http://{host}:{self.status_port}"
 
     def _track(self, p: Proc) -> Proc:
         self.procs.append(p)
         return p
 
     def _read_port(self) -> int:
+        return self._read_line(r"listening on .*:(\d+)\s*$", "port")
+
+    def _read_line(self, pattern: str, what: str) -> int:
+        """The number in the first line of the master's stdout matching `pattern` (a bounded wait)."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -142,10 +152,10 @@ class Cluster:
                 if not self.master.alive:
                     raise AssertionError(f"master exited: {''.join(self.master.stderr)}")
                 continue
-            m = re.search(r"listening on .*:(\d+)\s*$", line)
+            m = re.search(pattern, line)
             if m:
                 return int(m.group(1))
-        raise AssertionError("master did not report its port")
+        raise AssertionError(f"master did not report its {what}")
 
     def peer(self, scenario: str, name: str | None = None, env: dict[str, str] | None = None,
              program: Path = PEER_MAIN, **args: Any) -> Proc:

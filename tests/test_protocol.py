@@ -45,6 +45,7 @@ def test_truncated_frames_wait_for_more_bytes():
     (frame(6, b"", length=LIMIT + 1), "exceeds"),
     (frame(6, b"\0" * 5), "malformed"),          # OP_BEGIN payload too short
     (frame(6, b"\0" * 30), "malformed"),         # trailing bytes
+    (frame(7, struct.pack("<QQBQI", 1, 1, 1, 0, 0)), "malformed"),  # OP_END without its byte counts (version 1)
     (frame(999, b""), "unknown"),                # unknown message type
     (frame(65, struct.pack("<QBI", 1, 0, 0xFFFFFFFF)), "malformed"),  # topology claims 4G peers
 ])
@@ -83,7 +84,7 @@ def test_master_survives_hostile_bytes_then_serves_a_normal_run(cluster):
         hello + frame(3, b"") + frame(3, b""),                # votes update_topology twice
         hello + frame(64, struct.pack("<QI", 1, 1)),          # a master-only message
         hello[:7],                                            # truncated, then silence
-        frame(1, b"\0" * 6, version=2),                       # from the future
+        frame(1, b"\0" * 6, version=codec.PROTOCOL_VERSION + 1),  # from the future
         hello + frame(6, struct.pack("<QQBBBB", 1, 10, 200, 0, 0, 0)),  # invalid dtype
     ]
     attacks += [bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))) for _ in range(50)]

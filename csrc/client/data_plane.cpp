@@ -545,6 +545,11 @@ void DataPlane::maybe_complete(uint64_t uid) {
     events_.on_op_complete(uid);
 }
 
+DataPlane::OpStats DataPlane::op_stats(uint64_t uid) const {
+    auto it = ops_.find(uid);
+    return it == ops_.end() ? OpStats{} : it->second.stats;
+}
+
 DataPlane::OpStats DataPlane::remove_op(uint64_t uid) {
     OpStats stats;
     auto it = ops_.find(uid);

@@ -67,6 +67,8 @@ public:
     // Stops touching the op's buffers at once (queued sends dropped, a half-sent piece completed
     // with zeros, a half-read payload drained). Returns the op's byte counts.
     OpStats remove_op(uint64_t uid);
+    // The op's byte counts so far (zeros for an unknown op), without touching it.
+    OpStats op_stats(uint64_t uid) const;
     // Every OP_GO's uid, also for ops cancelled before it came: frames up to it stop parking.
     void note_go(uint64_t uid);
 

@@ -150,7 +150,8 @@ void Session::cancel(ReduceHandle& handle) {
             if (h->phase == ReduceHandle::Phase::RUNNING) {
                 h->stats = data_plane_.remove_op(h->uid);
                 h->phase = ReduceHandle::Phase::LOCAL_FAILED;
-                send_master(wire::OpEnd{h->request.tag, h->uid, 0, 0, "interrupted by the caller"});
+                send_master(wire::OpEnd{h->request.tag, h->uid, 0, 0, "interrupted by the caller", h->stats.tx_bytes,
+                                        h->stats.rx_bytes});
             }
             // LOCAL_DONE already told the master "ok": the op may succeed everywhere, so keep the result.
             if (h->phase == ReduceHandle::Phase::LOCAL_FAILED) restore_input(*h);
@@ -385,7 +386,8 @@ void Session::on_op_complete(uint64_t uid) {
     if (h->phase != ReduceHandle::Phase::RUNNING) return;
     h->phase = ReduceHandle::Phase::LOCAL_DONE;
     PCCL_LOG(DEBUG, "peer ", my_id_.load(), ": all-reduce tag=", h->request.tag, " uid=", uid, " done locally");
-    send_master(wire::OpEnd{h->request.tag, uid, 1, 0, ""});
+    const auto stats = data_plane_.op_stats(uid);  // complete: every byte of this peer's part is counted
+    send_master(wire::OpEnd{h->request.tag, uid, 1, 0, "", stats.tx_bytes, stats.rx_bytes});
 }
 
 void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect) {
@@ -396,7 +398,7 @@ void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect) {
     h->stats = data_plane_.remove_op(uid);
     h->phase = ReduceHandle::Phase::LOCAL_FAILED;
     PCCL_LOG(INFO, "peer ", my_id_.load(), ": all-reduce tag=", h->request.tag, " failed locally: ", why.message);
-    send_master(wire::OpEnd{h->request.tag, uid, 0, suspect, why.message});
+    send_master(wire::OpEnd{h->request.tag, uid, 0, suspect, why.message, h->stats.tx_bytes, h->stats.rx_bytes});
 }
 
 void Session::on_result(const wire::OpResult& r) {

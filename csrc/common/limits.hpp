@@ -12,7 +12,8 @@ using std::chrono::milliseconds;
 // ---- wire ----
 inline constexpr uint32_t kControlMagic = 0x4C434350;  // "PCCL" little endian
 inline constexpr uint32_t kDataMagic = 0x44434350;     // "PCCD" little endian
-inline constexpr uint16_t kProtocolVersion = 1;
+// 2: OP_END carries the op's tx/rx byte counts (summed by the master for its status page).
+inline constexpr uint16_t kProtocolVersion = 2;
 // Before HELLO a connection may send only tiny frames; a registered peer's shared-state vote lists
 // every entry (name, dtype, size, hash), so it may send up to kMaxPeerToMasterFrameBytes.
 inline constexpr uint32_t kMaxUnregisteredFrameBytes = 64 * 1024;
@@ -35,6 +36,22 @@ inline constexpr size_t kMaxMasterSendQueueBytes = 64 * 1024 * 1024;
 inline constexpr size_t kMaxOpsInFlightPerPeer = 4096;
 // A connection must say HELLO within this time or it is closed.
 inline constexpr milliseconds kHelloDeadline{10000};
+
+// ---- master status page (pccl-master --status-port; csrc/master/status.*, pccl/master.py) ----
+// Most recently dropped peers the master remembers for the page; older ones are forgotten first.
+inline constexpr size_t kMaxDroppedPeersRemembered = 32;
+// One snapshot lists at most this many peers and operations in flight (the totals are always
+// given, and a cut list says so), and at most this many peer ids per op's begun/waiting-for lists,
+// so a snapshot costs the master's thread a bounded amount of copying.
+inline constexpr size_t kMaxStatusPeersListed = 4096;
+inline constexpr size_t kMaxStatusOpsListed = 256;
+inline constexpr size_t kMaxStatusIdsPerOp = 64;
+// A status request waits this long for the master's thread to take its snapshot, then gives up.
+inline constexpr milliseconds kStatusSnapshotTimeout{2000};
+// The HTTP server: requests served at once (a connection over this is closed unanswered), and how
+// long one connection may take to send its request and read the answer.
+inline constexpr size_t kMaxStatusHttpConnections = 8;
+inline constexpr milliseconds kStatusHttpTimeout{5000};
 
 // ---- liveness ----
 inline constexpr milliseconds kHeartbeatInterval{1000};

@@ -3,15 +3,18 @@
 #include <cerrno>
 #include <cstring>
 #include <cstdlib>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
 #include <sys/epoll.h>
 #include <sys/socket.h>
 
+#include "client/completion.hpp"
 #include "common/limits.hpp"
 #include "common/log.hpp"
 #include "master/master_state.hpp"
+#include "master/status.hpp"
 #include "net/control_connection.hpp"
 #include "net/event_loop.hpp"
 
@@ -40,7 +43,8 @@ struct MasterNode::Impl final : Outbox {
     net::Fd listener;
     MasterState state;
     std::unordered_map<ConnId, std::unique_ptr<Connection>> conns;
-    std::vector<std::pair<ConnId, std::string>> to_close;  // deferred: never close inside a state callback
+    // Deferred: never close inside a state callback.
+    std::vector<std::tuple<ConnId, std::string, DropCause>> to_close;
     ConnId next_conn = 1;
 
     explicit Impl(std::chrono::milliseconds timeout) : state(*this, timeout) {}
@@ -51,7 +55,7 @@ struct MasterNode::Impl final : Outbox {
         if (it == conns.end()) return;
         Connection& c = *it->second;
         if (!c.stream.send(m)) {
-            to_close.emplace_back(id, c.stream.error());
+            to_close.emplace_back(id, c.stream.error(), DropCause::SEND_FAILED);
             return;
         }
         arm_write(id, c);
@@ -78,11 +82,28 @@ struct MasterNode::Impl final : Outbox {
         while (!to_close.empty()) {
             auto batch = std::move(to_close);
             to_close.clear();
-            for (auto& [id, reason] : batch) {
+            for (auto& [id, reason, cause] : batch) {
+                // A write fails when the peer has closed; what it sent before closing (a GOODBYE,
+                // typically) may still be unread, and decides why it is gone.
+                if (cause == DropCause::SEND_FAILED) deliver_unread(id);
                 if (!conns.contains(id)) continue;
                 disconnect(id, reason);
-                state.on_disconnect(id, reason);
+                state.on_disconnect(id, reason, cause);
             }
+        }
+    }
+
+    // Hands the state whatever complete messages the connection has received (end-of-stream and
+    // errors are left to the caller, which is closing it anyway).
+    void deliver_unread(ConnId id) {
+        auto it = conns.find(id);
+        if (it == conns.end()) return;
+        std::vector<wire::Message> msgs;
+        (void)it->second->stream.read_messages(msgs);
+        const auto now = Clock::now();
+        for (auto& m : msgs) {
+            if (!conns.contains(id)) break;
+            state.on_message(id, std::move(m), now);
         }
     }
 
@@ -121,7 +142,7 @@ struct MasterNode::Impl final : Outbox {
         if (it == conns.end()) return;
         Connection& c = *it->second;
         if (events & EPOLLOUT) {
-            if (!c.stream.flush()) to_close.emplace_back(id, c.stream.error());
+            if (!c.stream.flush()) to_close.emplace_back(id, c.stream.error(), DropCause::SEND_FAILED);
             else arm_write(id, c);
         }
         if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
@@ -138,14 +159,60 @@ struct MasterNode::Impl final : Outbox {
                 live->second->stream.set_max_incoming(limits::kMaxPeerToMasterFrameBytes);
             }
             if (status != net::ControlConnection::ReadStatus::OPEN && conns.contains(id)) {
-                if (status == net::ControlConnection::ReadStatus::PROTOCOL_ERROR)
-                    PCCL_LOG(WARN, "master: dropping connection ", id, ": ", error);
-                to_close.emplace_back(id, error);
+                const bool malformed = status == net::ControlConnection::ReadStatus::PROTOCOL_ERROR;
+                if (malformed) PCCL_LOG(WARN, "master: dropping connection ", id, ": ", error);
+                to_close.emplace_back(id, error, malformed ? DropCause::MALFORMED_FRAME : DropCause::CLOSED);
             }
         }
         close_deferred();
     }
 };
+
+// ---- status snapshots
+//
+// The HTTP side asks on its own thread; MasterState belongs to the loop thread. A request is posted
+// to the loop (EventLoop::post: a mutex-guarded task list and an eventfd wake-up) and the asking
+// thread waits, bounded by limits::kStatusSnapshotTimeout, for the loop to copy a StatusSnapshot
+// out of the state; the JSON is then rendered on the asking thread, so the loop only copies.
+// Why on request rather than a snapshot the loop publishes periodically and on change: the page is
+// looked at rarely, while the state changes with every vote and op (thousands a second), so
+// publishing would spend the loop's time on copies nobody reads, and a periodic copy would be stale
+// by up to its period; on request costs nothing while nobody looks and is always current.
+// Each request is one O(peers + ops) copy, bounded by the limits::kMaxStatus* cuts, and the HTTP
+// side serves at most limits::kMaxStatusHttpConnections requests at once.
+using SnapshotSlot = client::Completion<std::shared_ptr<const StatusSnapshot>>;
+
+namespace {
+// Held by the posted task. If the task is destroyed without having run (the loop stopped first),
+// the waiter is told at once instead of waiting out its timeout.
+struct SnapshotRequest {
+    explicit SnapshotRequest(std::shared_ptr<SnapshotSlot> s) : slot(std::move(s)) {}
+    SnapshotRequest(const SnapshotRequest&) = delete;
+    SnapshotRequest& operator=(const SnapshotRequest&) = delete;
+    std::shared_ptr<SnapshotSlot> slot;
+    ~SnapshotRequest() { slot->complete(nullptr); }  // no-op when already answered
+};
+}  // namespace
+
+std::optional<std::string> MasterNode::status_json() {
+    auto slot = std::make_shared<SnapshotSlot>();
+    {
+        std::lock_guard lock(impl_mutex_);  // impl_ lives until interrupt() resets it under this lock
+        if (!impl_ || !running_.load()) return std::nullopt;
+        auto request = std::make_shared<SnapshotRequest>(slot);
+        Impl* impl = impl_.get();  // the task runs on the loop thread, which interrupt() joins before the reset
+        const uint16_t port = port_.load();
+        impl->loop.post([impl, request, port] {
+            auto snap = std::make_shared<StatusSnapshot>(impl->state.snapshot(Clock::now()));
+            snap->port = port;
+            request->slot->complete(std::move(snap));
+        });
+    }
+    if (!slot->wait_for(limits::kStatusSnapshotTimeout)) return std::nullopt;
+    const auto snap = slot->get();
+    if (!snap) return std::nullopt;
+    return render_status_json(*snap);
+}
 
 MasterNode::MasterNode(std::string listen_address, std::chrono::milliseconds peer_timeout)
     : listen_address_(std::move(listen_address)), peer_timeout_(resolve_peer_timeout(peer_timeout)) {}
@@ -157,7 +224,10 @@ Status MasterNode::run() {
     if (thread_.joinable()) thread_.join();
     net::Endpoint at;
     if (auto s = net::parse_endpoint(listen_address_, at); !s.is_ok()) return s;
-    impl_ = std::make_unique<Impl>(peer_timeout_);
+    {
+        std::lock_guard lock(impl_mutex_);
+        impl_ = std::make_unique<Impl>(peer_timeout_);
+    }
     if (auto s = net::listen_on(at, 1024, impl_->listener); !s.is_ok()) return s;
     port_.store(net::local_endpoint(impl_->listener.get())->port());
     impl_->loop.watch(impl_->listener.get(), EPOLLIN, [impl = impl_.get()](uint32_t) {
@@ -187,6 +257,7 @@ void MasterNode::interrupt() {
     if (impl_) impl_->loop.stop();
     if (thread_.joinable()) thread_.join();
     running_.store(false);
+    std::lock_guard lock(impl_mutex_);  // a status_json() posting right now finishes first
     impl_.reset();
 }
 

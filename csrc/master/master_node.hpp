@@ -5,6 +5,8 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -24,12 +26,17 @@ public:
     void interrupt();
     uint16_t port() const { return port_.load(); }
     bool running() const { return running_.load(); }
+    // Any thread: the status page's JSON (see master/status.hpp), taken on the loop thread and
+    // rendered on the caller's. nullopt when not running, or when the loop did not answer within
+    // limits::kStatusSnapshotTimeout. Blocks the caller for that long at most.
+    std::optional<std::string> status_json();
 
 private:
     struct Impl;
     std::string listen_address_;
     std::chrono::milliseconds peer_timeout_;
     std::unique_ptr<Impl> impl_;
+    std::mutex impl_mutex_;  // guards replacing impl_ against status_json() on another thread
     std::thread thread_;
     std::atomic<uint16_t> port_{0};
     std::atomic<bool> running_{false};

@@ -34,12 +34,12 @@ void MasterState::on_connect(ConnId conn, const wire::IpAddress& remote_ip, Cloc
     conns_[conn] = Conn{remote_ip, now, 0};
 }
 
-void MasterState::on_disconnect(ConnId conn, const std::string& reason) {
+void MasterState::on_disconnect(ConnId conn, const std::string& reason, DropCause cause) {
     auto it = conns_.find(conn);
     if (it == conns_.end()) return;
     const PeerId peer = it->second.peer;
     conns_.erase(it);
-    if (peer != 0) drop_peer(peer, reason, /*tell_peer=*/false);
+    if (peer != 0) drop_peer(peer, cause, reason, /*tell_peer=*/false);
 }
 
 void MasterState::on_message(ConnId conn, wire::Message&& m, Clock::time_point now) {
@@ -59,7 +59,7 @@ void MasterState::on_message(ConnId conn, wire::Message&& m, Clock::time_point n
     auto pit = peers_.find(c.peer);
     if (pit == peers_.end()) return;
     pit->second.last_heard = now;
-    handle_peer_message(pit->second, std::move(m));
+    handle_peer_message(pit->second, std::move(m), now);
 }
 
 void MasterState::handle_hello(ConnId conn, Conn& c, const wire::Hello& m, Clock::time_point now) {
@@ -73,19 +73,20 @@ void MasterState::handle_hello(ConnId conn, Conn& c, const wire::Hello& m, Clock
     c.peer = p.id;
     peers_.emplace(p.id, p);
     pending_order_.push_back(p.id);
+    ++counters_.peers_registered;
     PCCL_LOG(INFO, "master: ", describe(p.id), " registered in group ", m.peer_group, ", pending admission");
     out_.send(conn, wire::Welcome{p.id, static_cast<uint32_t>(peer_timeout_.count())});
     maybe_admit();
 }
 
-void MasterState::handle_peer_message(Peer& p, wire::Message&& m) {
+void MasterState::handle_peer_message(Peer& p, wire::Message&& m, Clock::time_point now) {
     std::visit(Overloaded{
                    [&](wire::Heartbeat&) {},
-                   [&](wire::Goodbye&) { drop_peer(p.id, "left gracefully", /*tell_peer=*/false); },
+                   [&](wire::Goodbye&) { drop_peer(p.id, DropCause::LEFT, "left gracefully", /*tell_peer=*/false); },
                    [&](wire::VoteUpdateTopology&) { on_vote_update(p); },
                    [&](wire::P2PReady& x) { on_p2p_ready(p, x); },
                    [&](wire::VotePeersPending&) { on_vote_pending(p); },
-                   [&](wire::OpBegin& x) { on_op_begin(p, x); },
+                   [&](wire::OpBegin& x) { on_op_begin(p, x, now); },
                    [&](wire::OpEnd& x) { on_op_end(p, x); },
                    [&](wire::SyncVote& x) { on_sync_vote(p, std::move(x)); },
                    [&](wire::SyncResult& x) { on_sync_result(p, x); },
@@ -99,7 +100,7 @@ void MasterState::handle_peer_message(Peer& p, wire::Message&& m) {
 
 void MasterState::violation(Peer& p, const std::string& what) {
     PCCL_LOG(WARN, "master: protocol violation by ", describe(p.id), ": ", what, "; dropping it");
-    drop_peer(p.id, "protocol violation: " + what, /*tell_peer=*/true);
+    drop_peer(p.id, DropCause::PROTOCOL_VIOLATION, "protocol violation: " + what, /*tell_peer=*/true);
 }
 
 void MasterState::send_to(PeerId id, const wire::Message& m) {
@@ -190,7 +191,7 @@ void MasterState::on_p2p_ready(Peer& p, const wire::P2PReady& m) {
     if (m.unreachable_peer != 0) {
         if (peers_.contains(m.unreachable_peer) && m.unreachable_peer != p.id) {
             PCCL_LOG(WARN, "master: ", describe(p.id), " cannot reach ", describe(m.unreachable_peer), "; dropping the latter");
-            drop_peer(m.unreachable_peer, "unreachable from " + describe(p.id), /*tell_peer=*/true);
+            drop_peer(m.unreachable_peer, DropCause::UNREACHABLE, "unreachable from " + describe(p.id), /*tell_peer=*/true);
         }
         return;
     }
@@ -280,7 +281,7 @@ void MasterState::resolve_stalemate() {
 
 // ---------------------------------------------------------------- collective operations
 
-void MasterState::on_op_begin(Peer& p, const wire::OpBegin& m) {
+void MasterState::on_op_begin(Peer& p, const wire::OpBegin& m, Clock::time_point now) {
     if (p.state != PeerState::ACCEPTED) return violation(p, "began an operation before being accepted");
     if (p.voted_update || round_active_) return violation(p, "began an operation during update_topology");
     if (p.in_sync) return violation(p, "began an operation during a shared-state sync");
@@ -297,6 +298,7 @@ void MasterState::on_op_begin(Peer& p, const wire::OpBegin& m) {
     if (inserted) {
         rec.desc = m;
         rec.first_peer = p.id;
+        rec.created = now;
     } else if (rec.started || rec.begun.contains(p.id)) {
         return violation(p, "began tag " + std::to_string(m.tag) + " while it is still in flight");
     }
@@ -307,6 +309,7 @@ void MasterState::on_op_begin(Peer& p, const wire::OpBegin& m) {
                      describe(rec.first_peer) + " has " + describe_op(rec.desc) + ", " + describe(p.id) + " has " +
                      describe_op(m) + "; every peer of the group must pass the same count, dtype, op and quantization";
         PCCL_LOG(WARN, "master: ", rec.poison);
+        ++counters_.ops_rejected;
     }
     if (!rec.poison.empty()) {
         for (PeerId id : rec.begun) answer_op(rec, key, id, static_cast<uint8_t>(Result::INVALID_ARGUMENT), rec.poison);
@@ -335,6 +338,7 @@ void MasterState::check_op_start(const OpKey& key) {
         return;
     }
     if (members.size() < 2) {
+        ++counters_.ops_rejected;
         for (PeerId id : rec.begun)
             answer_op(rec, key, id, static_cast<uint8_t>(Result::TOO_FEW_PEERS),
                       "the peer group has only one peer; wait for others to join (update_topology) and retry");
@@ -343,6 +347,7 @@ void MasterState::check_op_start(const OpKey& key) {
     }
     rec.started = true;
     rec.uid = next_op_uid_++;
+    ++counters_.ops_started;
     rec.participants = members;
     const uint32_t world = static_cast<uint32_t>(members.size());
     for (uint32_t r = 0; r < world; ++r) {
@@ -372,6 +377,10 @@ void MasterState::on_op_end(Peer& p, const wire::OpEnd& m) {
     if (it == ops_.end() || !it->second.started || it->second.uid != m.op_uid) return;
     OpRecord& rec = it->second;
     if (std::find(rec.participants.begin(), rec.participants.end(), p.id) == rec.participants.end()) return;
+    if (!rec.ended_ok.contains(p.id)) {  // its first report for this op: a repeated one adds nothing
+        counters_.collective_tx_bytes += m.tx_bytes;
+        counters_.collective_rx_bytes += m.rx_bytes;
+    }
     if (!m.ok) {
         std::string why = describe(p.id) + " failed: " + m.reason;
         if (m.blamed_peer != 0) why += " (suspect " + describe(m.blamed_peer) + ")";
@@ -389,6 +398,12 @@ void MasterState::finish_op(const OpKey& key, uint8_t result, const std::string&
     auto it = ops_.find(key);
     if (it == ops_.end()) return;
     OpRecord& rec = it->second;
+    if (result == static_cast<uint8_t>(Result::SUCCESS)) {
+        ++counters_.ops_completed;
+    } else {
+        ++counters_.ops_failed;
+        last_op_failure_ = OpFailure{key.group, key.tag, rec.uid, message, Clock::now()};
+    }
     for (PeerId id : rec.participants) answer_op(rec, key, id, result, message);
     ops_.erase(it);
 }
@@ -438,6 +453,7 @@ void MasterState::check_sync(uint32_t group) {
     };
     if (d.group_failure) {
         PCCL_LOG(WARN, "master: shared-state sync of group ", group, " fails: ", d.group_failure->message);
+        ++counters_.syncs_failed;
         for (const auto& v : voters) reject(v.peer, *d.group_failure);
         syncs_.erase(it);
         return;
@@ -447,6 +463,9 @@ void MasterState::check_sync(uint32_t group) {
         reject(id, why);
     }
     round.distributors = d.distributors;
+    ++counters_.syncs_planned;
+    for (const auto& [receiver, ranges] : d.receive)
+        for (const auto& r : ranges) counters_.sync_bytes_planned += r.length;
     for (const auto& v : voters) {
         if (d.rejected.contains(v.peer)) continue;
         round.participants.insert(v.peer);
@@ -484,6 +503,8 @@ void MasterState::finish_sync(uint32_t group, Result result, const std::string& 
     if (it == syncs_.end()) return;
     SyncRound round = std::move(it->second);
     syncs_.erase(it);
+    if (result == Result::SUCCESS) ++counters_.syncs_completed;
+    else ++counters_.syncs_failed;
     if (result == Result::SUCCESS) group_revision_[group] = round.revision;
     else PCCL_LOG(INFO, "master: shared-state sync ", round.uid, " of group ", group, " failed: ", message);
     for (PeerId id : round.participants) {
@@ -530,6 +551,7 @@ void MasterState::sync_peer_gone(uint32_t group, PeerId id) {
                      moved.size(), " other distributor(s)");
     }
     if (round.participants.empty()) {
+        ++counters_.syncs_failed;  // everyone who took part is gone
         syncs_.erase(it);
         return;
     }
@@ -538,11 +560,17 @@ void MasterState::sync_peer_gone(uint32_t group, PeerId id) {
 
 // ---------------------------------------------------------------- dropping peers
 
-void MasterState::drop_peer(PeerId id, const std::string& reason, bool tell_peer) {
+void MasterState::drop_peer(PeerId id, DropCause cause, const std::string& reason, bool tell_peer) {
     auto it = peers_.find(id);
     if (it == peers_.end()) return;
     const Peer dropped = it->second;
     const std::string who = describe(id);
+    ++counters_.peers_dropped;
+    dropped_.push_front(DroppedRecord{
+        id, dropped.group, net::Endpoint::from(dropped.ip, dropped.p2p_port).to_string(),
+        dropped.state == PeerState::ACCEPTED, cause, reason.substr(0, limits::kMaxWireStringBytes), Clock::now(),
+        std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count()});
+    if (dropped_.size() > limits::kMaxDroppedPeersRemembered) dropped_.pop_back();
     if (tell_peer) PCCL_LOG(WARN, "master: dropping ", who, ": ", reason);
     else PCCL_LOG(INFO, "master: ", who, " is gone: ", reason);
     if (tell_peer) {
@@ -593,7 +621,8 @@ void MasterState::on_tick(Clock::time_point now) {
     for (const auto& [id, p] : peers_)
         if (now - p.last_heard > peer_timeout_) silent.push_back(id);
     for (PeerId id : silent)
-        drop_peer(id, "no message for more than " + std::to_string(peer_timeout_.count()) + " ms (hung or cut off)",
+        drop_peer(id, DropCause::TIMEOUT,
+                  "no message for more than " + std::to_string(peer_timeout_.count()) + " ms (hung or cut off)",
                   /*tell_peer=*/true);
 
     std::vector<ConnId> mute;
@@ -608,6 +637,129 @@ void MasterState::on_tick(Clock::time_point now) {
         last_heartbeat_sent_ = now;
         for (const auto& [id, p] : peers_) out_.send(p.conn, wire::MasterHeartbeat{});
     }
+}
+
+// ---------------------------------------------------------------- status page
+
+StatusSnapshot MasterState::snapshot(Clock::time_point now) const {
+    const auto seconds_since = [now](Clock::time_point t) { return std::chrono::duration<double>(now - t).count(); };
+    StatusSnapshot s;
+    s.protocol_version = limits::kProtocolVersion;
+    s.uptime_s = seconds_since(created_at_);
+    s.peer_timeout_ms = static_cast<uint64_t>(peer_timeout_.count());
+    s.epoch = epoch_;
+    s.topology_round_active = round_active_;
+    s.world_size = ring_.size();
+    s.peer_count = peers_.size();
+    s.connection_count = conns_.size();
+    s.counters = counters_;
+
+    // Groups: every group with a peer, a remembered revision or a sync round; rings in ring order.
+    std::map<uint32_t, StatusGroup> groups;
+    std::unordered_map<PeerId, int64_t> ring_index;
+    for (PeerId id : ring_) {
+        const uint32_t g = peers_.at(id).group;
+        auto& group = groups[g];
+        group.group = g;
+        ring_index[id] = static_cast<int64_t>(group.ring.size());
+        group.ring.push_back(id);
+    }
+    for (PeerId id : pending_order_) {
+        const uint32_t g = peers_.at(id).group;
+        groups[g].group = g;
+        groups[g].pending.push_back(id);
+    }
+    for (const auto& [g, revision] : group_revision_) {
+        groups[g].group = g;
+        groups[g].revision = revision;
+    }
+    for (const auto& [g, round] : syncs_) {
+        groups[g].group = g;
+        StatusSync sync;
+        sync.uid = round.uid;
+        sync.planned = round.planned;
+        sync.revision = round.revision;
+        if (!round.planned)
+            for (const auto& [id, vote] : round.votes) sync.voted.push_back(id);
+        sync.receivers_pending.assign(round.receivers_pending.begin(), round.receivers_pending.end());
+        sync.distributors = round.distributors;
+        groups[g].sync = std::move(sync);
+    }
+
+    // Peers by id, cut at the bound.
+    std::vector<PeerId> ids;
+    ids.reserve(peers_.size());
+    for (const auto& [id, p] : peers_) ids.push_back(id);
+    std::sort(ids.begin(), ids.end());
+    if (ids.size() > limits::kMaxStatusPeersListed) ids.resize(limits::kMaxStatusPeersListed);
+    s.peers.reserve(ids.size());
+    for (PeerId id : ids) {
+        const Peer& p = peers_.at(id);
+        StatusPeer e;
+        e.id = id;
+        e.group = p.group;
+        e.address = net::Endpoint::from(p.ip, p.p2p_port).to_string();
+        e.accepted = p.state == PeerState::ACCEPTED;
+        if (auto r = ring_index.find(id); r != ring_index.end()) e.ring_index = r->second;
+        e.voted_update = p.voted_update;
+        e.voted_pending = p.voted_pending;
+        e.in_sync = p.in_sync;
+        e.ops_in_flight = p.ops_in_flight;
+        e.confirmed_epoch = p.confirmed_epoch;
+        e.seconds_since_heard = seconds_since(p.last_heard);
+        s.peers.push_back(std::move(e));
+    }
+
+    // Operations in flight, in (group, tag) order, cut at the bound.
+    s.ops_in_flight_total = ops_.size();
+    const auto push_cut = [](std::vector<uint64_t>& v, uint64_t id) {
+        if (v.size() < limits::kMaxStatusIdsPerOp) v.push_back(id);
+    };
+    for (const auto& [key, rec] : ops_) {
+        if (s.ops.size() >= limits::kMaxStatusOpsListed) break;
+        StatusOp o;
+        o.group = key.group;
+        o.tag = key.tag;
+        o.uid = rec.uid;
+        o.started = rec.started;
+        o.descriptor = describe_op(rec.desc);
+        o.poisoned = !rec.poison.empty();
+        o.age_s = seconds_since(rec.created);
+        if (rec.started) {
+            for (PeerId id : rec.participants) {
+                push_cut(o.have, id);
+                ++o.have_total;
+                if (!rec.ended_ok.contains(id)) {
+                    push_cut(o.waiting_for, id);
+                    ++o.waiting_for_total;
+                }
+            }
+        } else {
+            for (PeerId id : rec.begun) {
+                push_cut(o.have, id);
+                ++o.have_total;
+            }
+            if (auto g = groups.find(key.group); g != groups.end())
+                for (PeerId id : g->second.ring)
+                    if (!rec.begun.contains(id)) {
+                        push_cut(o.waiting_for, id);
+                        ++o.waiting_for_total;
+                    }
+        }
+        s.ops.push_back(std::move(o));
+    }
+
+    for (auto& [g, group] : groups) s.groups.push_back(std::move(group));
+
+    if (last_op_failure_) {
+        const auto& f = *last_op_failure_;
+        s.last_op_failure = StatusLastFailure{f.group, f.tag, f.uid, f.message, seconds_since(f.at)};
+    }
+    s.dropped.reserve(dropped_.size());
+    for (const auto& d : dropped_)
+        s.dropped.push_back(StatusDropped{d.id, d.group, d.address, d.was_accepted, d.cause, d.reason,
+                                          seconds_since(d.at), d.unix_time});
+    return s;
 }
 
 }  // namespace pccl::master

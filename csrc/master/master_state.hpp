@@ -6,12 +6,15 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
+#include "master/status.hpp"
 #include "master/sync_election.hpp"
 #include "wire/messages.hpp"
 
@@ -35,8 +38,8 @@ public:
 
     void on_connect(ConnId conn, const wire::IpAddress& remote_ip, Clock::time_point now);
     void on_message(ConnId conn, wire::Message&& m, Clock::time_point now);
-    // The connection died (EOF, socket error, protocol error).
-    void on_disconnect(ConnId conn, const std::string& reason);
+    // The connection died (EOF, socket error, protocol error); `cause` is what the status page shows.
+    void on_disconnect(ConnId conn, const std::string& reason, DropCause cause = DropCause::CLOSED);
     void on_tick(Clock::time_point now);
 
     size_t peer_count() const { return peers_.size(); }
@@ -45,6 +48,10 @@ public:
         return it != conns_.end() && it->second.peer != 0;
     }
     size_t connection_count() const { return conns_.size(); }
+
+    // A copy of what the status page shows (bounded by limits::kMaxStatus*). Read-only, and like
+    // every other member it must be called on the thread that owns the state.
+    StatusSnapshot snapshot(Clock::time_point now) const;
 
 private:
     enum class PeerState { PENDING, ACCEPTED };
@@ -82,6 +89,7 @@ private:
         std::set<PeerId> ended_ok;
         std::set<PeerId> answered;         // got their OP_RESULT already
         std::string poison;                // non-empty: descriptors disagreed
+        Clock::time_point created{};       // for the status page only
     };
 
     struct SyncRound {
@@ -97,11 +105,11 @@ private:
     };
 
     void handle_hello(ConnId conn, Conn& c, const wire::Hello& m, Clock::time_point now);
-    void handle_peer_message(Peer& p, wire::Message&& m);
+    void handle_peer_message(Peer& p, wire::Message&& m, Clock::time_point now);
     void on_vote_update(Peer& p);
     void on_p2p_ready(Peer& p, const wire::P2PReady& m);
     void on_vote_pending(Peer& p);
-    void on_op_begin(Peer& p, const wire::OpBegin& m);
+    void on_op_begin(Peer& p, const wire::OpBegin& m, Clock::time_point now);
     void on_op_end(Peer& p, const wire::OpEnd& m);
     void on_sync_vote(Peer& p, wire::SyncVote&& m);
     void on_sync_result(Peer& p, const wire::SyncResult& m);
@@ -109,7 +117,7 @@ private:
     void finish_sync(uint32_t group, Result result, const std::string& message);
     void sync_peer_gone(uint32_t group, PeerId id);
 
-    void drop_peer(PeerId id, const std::string& reason, bool tell_peer);
+    void drop_peer(PeerId id, DropCause cause, const std::string& reason, bool tell_peer);
     void violation(Peer& p, const std::string& what);
     void send_to(PeerId id, const wire::Message& m);
 
@@ -145,6 +153,29 @@ private:
     uint64_t epoch_ = 0;
     bool round_active_ = false;
     Clock::time_point last_heartbeat_sent_{};
+
+    // For the status page only: nothing below feeds back into a decision.
+    struct DroppedRecord {
+        PeerId id = 0;
+        uint32_t group = 0;
+        std::string address;
+        bool was_accepted = false;
+        DropCause cause = DropCause::CLOSED;
+        std::string reason;
+        Clock::time_point at{};
+        double unix_time = 0;
+    };
+    struct OpFailure {
+        uint32_t group = 0;
+        uint64_t tag = 0;
+        uint64_t uid = 0;
+        std::string message;
+        Clock::time_point at{};
+    };
+    Clock::time_point created_at_ = Clock::now();
+    StatusCounters counters_;
+    std::deque<DroppedRecord> dropped_;  // newest at the front, at most kMaxDroppedPeersRemembered
+    std::optional<OpFailure> last_op_failure_;
 };
 
 }  // namespace pccl::master

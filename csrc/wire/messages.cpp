@@ -64,6 +64,7 @@ void encode_payload(const Message& m, Writer& w) {
                    },
                    [&](const OpEnd& x) {
                        w.u64(x.tag); w.u64(x.op_uid); w.u8(x.ok); w.u64(x.blamed_peer); w.string(bounded(x.reason));
+                       w.u64(x.tx_bytes); w.u64(x.rx_bytes);
                    },
                    [&](const Goodbye&) {},
                    [&](const Welcome& x) { w.u64(x.peer_id); w.u32(x.peer_timeout_ms); },
@@ -178,6 +179,7 @@ std::optional<Message> decode_payload(uint16_t type, std::span<const uint8_t> pa
             OpEnd x;
             x.tag = r.u64(); x.op_uid = r.u64(); x.ok = r.u8(); x.blamed_peer = r.u64();
             x.reason = r.string(limits::kMaxWireStringBytes);
+            x.tx_bytes = r.u64(); x.rx_bytes = r.u64();
             m = std::move(x);
             break;
         }

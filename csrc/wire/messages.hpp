@@ -75,7 +75,17 @@ struct OpBegin {
     uint8_t quant_dtype = 0;
     bool operator==(const OpBegin&) const = default;
 };
-struct OpEnd { uint64_t tag = 0; uint64_t op_uid = 0; uint8_t ok = 0; uint64_t blamed_peer = 0; std::string reason; };
+// tx/rx_bytes: what this peer's part of the op put on and took off the wire (data frames with
+// their headers), reported so the master can count the bytes its collectives moved.
+struct OpEnd {
+    uint64_t tag = 0;
+    uint64_t op_uid = 0;
+    uint8_t ok = 0;
+    uint64_t blamed_peer = 0;
+    std::string reason;
+    uint64_t tx_bytes = 0;
+    uint64_t rx_bytes = 0;
+};
 struct Goodbye {};
 
 struct Welcome { uint64_t peer_id = 0; uint32_t peer_timeout_ms = 0; };
