@@ -256,13 +256,18 @@ def scenario_mismatch(spec: dict[str, Any]) -> None:
     """Each peer passes its own (count, dtype, op); reports the outcome, then a matching op."""
     comm = connect(spec)
     join(comm, spec["world"])
+    time.sleep(spec.get("delay", 0))
     x = np.ones(spec["count"], dtype=spec["dtype"])
     y = np.zeros_like(x)
     try:
         comm.all_reduce(x, y, op=getattr(ReduceOp, spec["op"]), tag=7)
-        emit(event="mismatch", ok=True)
+        emit(event="mismatch", ok=True, value=float(y[0]) if len(y) else None)
     except PCCLError as e:
         emit(event="mismatch", ok=False, result=e.result.name, message=str(e), y_untouched=bool(np.all(y == 0)))
+        if spec.get("retry_same_tag"):  # at once, with the arguments a late peer will bring
+            x = np.ones(100, dtype=np.float32)
+            comm.all_reduce(x, x, tag=7)
+            emit(event="retried", value=float(x[0]))
     x = np.ones(100, dtype=np.float32)
     info = comm.all_reduce(x, x, tag=8)
     emit(event="after", value=float(x[0]), world=info.local_world_size)

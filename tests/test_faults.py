@@ -112,6 +112,24 @@ def test_mismatched_arguments_fail_everyone_cleanly(cluster, field, values):
         p.finish(timeout=30)
 
 
+def test_quick_retry_after_a_mismatch_meets_the_late_peer(cluster):
+    """Two of three peers disagree on tag 7 and retry it at once; the third arrives later with the
+    retry's arguments. Nobody is dropped for the quick retry and all three complete it together."""
+    c = cluster()
+    first = [c.peer("mismatch", index=i, world=3, count=10 + i, dtype="float32", op="SUM", retry_same_tag=True)
+             for i in range(2)]
+    late = c.peer("mismatch", index=2, world=3, count=100, dtype="float32", op="SUM", delay=1.0)
+    for p in first:
+        e = p.wait_event(lambda e: e.get("event") == "mismatch", timeout=30)
+        assert not e["ok"] and e["result"] == "INVALID_ARGUMENT", e
+        assert p.wait_event(lambda e: e.get("event") == "retried", timeout=30)["value"] == 3.0
+    assert late.wait_event(lambda e: e.get("event") == "mismatch", timeout=30)["value"] == 3.0
+    for p in first + [late]:
+        after = p.wait_event(lambda e: e.get("event") == "after", timeout=30)
+        assert after["value"] == 3.0 and after["world"] == 3, after
+        p.finish(timeout=30)
+
+
 def test_peer_groups_reduce_separately(cluster):
     c = cluster()
     peers = [c.peer("groups", index=i, group=i // 2, global_world=4, linger=2.0) for i in range(4)]

@@ -243,7 +243,7 @@ void MasterState::resolve_stalemate() {
     if (ring_.empty() || round_active_) return;
     std::set<PeerId> waiting_in_op;
     for (const auto& [key, rec] : ops_)
-        if (!rec.started && rec.poison.empty()) waiting_in_op.insert(rec.begun.begin(), rec.begun.end());
+        if (!rec.started) waiting_in_op.insert(rec.begun.begin(), rec.begun.end());
     for (const auto& [group, round] : syncs_)
         if (!round.planned)
             for (const auto& [id, vote] : round.votes) waiting_in_op.insert(id);
@@ -304,15 +304,20 @@ void MasterState::on_op_begin(Peer& p, const wire::OpBegin& m, Clock::time_point
     }
     rec.begun.insert(p.id);
     ++p.ops_in_flight;
-    if (rec.poison.empty() && !(rec.desc == m)) {
-        rec.poison = "all_reduce(tag=" + std::to_string(m.tag) + ") called with different arguments: " +
-                     describe(rec.first_peer) + " has " + describe_op(rec.desc) + ", " + describe(p.id) + " has " +
-                     describe_op(m) + "; every peer of the group must pass the same count, dtype, op and quantization";
-        PCCL_LOG(WARN, "master: ", rec.poison);
+    if (!(rec.desc == m)) {
+        // Everyone who began this instance is told, and the instance is forgotten at once: a peer
+        // that has not begun the tag yet joins a fresh instance (most likely the others' retry)
+        // instead of holding this one open, where a quick retry would look like a duplicate.
+        const std::string why = "all_reduce(tag=" + std::to_string(m.tag) + ") called with different arguments: " +
+                                describe(rec.first_peer) + " has " + describe_op(rec.desc) + ", " + describe(p.id) +
+                                " has " + describe_op(m) +
+                                "; every peer of the group must pass the same count, dtype, op and quantization";
+        PCCL_LOG(WARN, "master: ", why);
         ++counters_.ops_rejected;
-    }
-    if (!rec.poison.empty()) {
-        for (PeerId id : rec.begun) answer_op(rec, key, id, static_cast<uint8_t>(Result::INVALID_ARGUMENT), rec.poison);
+        for (PeerId id : rec.begun) answer_op(rec, key, id, static_cast<uint8_t>(Result::INVALID_ARGUMENT), why);
+        ops_.erase(it);
+        resolve_stalemate();
+        return;
     }
     check_op_start(key);
     resolve_stalemate();
@@ -333,10 +338,6 @@ void MasterState::check_op_start(const OpKey& key) {
     const std::vector<PeerId> members = group_ring(key.group);
     for (PeerId id : members)
         if (!rec.begun.contains(id)) return;  // still waiting for someone
-    if (!rec.poison.empty()) {  // everyone has been told; forget it
-        ops_.erase(it);
-        return;
-    }
     if (members.size() < 2) {
         ++counters_.ops_rejected;
         for (PeerId id : rec.begun)
@@ -723,7 +724,6 @@ StatusSnapshot MasterState::snapshot(Clock::time_point now) const {
         o.uid = rec.uid;
         o.started = rec.started;
         o.descriptor = describe_op(rec.desc);
-        o.poisoned = !rec.poison.empty();
         o.age_s = seconds_since(rec.created);
         if (rec.started) {
             for (PeerId id : rec.participants) {

@@ -88,7 +88,6 @@ private:
         std::vector<PeerId> participants;  // ring order, once started
         std::set<PeerId> ended_ok;
         std::set<PeerId> answered;         // got their OP_RESULT already
-        std::string poison;                // non-empty: descriptors disagreed
         Clock::time_point created{};       // for the status page only
     };
 

@@ -204,7 +204,7 @@ std::string render_status_json(const StatusSnapshot& s) {
         j.key("uid");
         if (o.started) j.u64(o.uid);
         else j.null();
-        j.key("state").str(o.poisoned ? "rejected" : o.started ? "running" : "waiting");
+        j.key("state").str(o.started ? "running" : "waiting");
         j.key("descriptor").str(o.descriptor);
         j.key("age_s").seconds(o.age_s);
         j.key(o.started ? "participants" : "begun").ids(o.have);

@@ -61,7 +61,6 @@ struct StatusOp {
     uint64_t uid = 0;  // 0 until started
     bool started = false;
     std::string descriptor;  // count, dtype, op, quantization of the first peer to begin it
-    bool poisoned = false;   // descriptors disagreed; waits only to be forgotten
     double age_s = 0;
     // Not started: who has begun it / who it waits for to begin. Started: the participants / who
     // has not reported OP_END(ok) yet. Each cut at limits::kMaxStatusIdsPerOp; the totals are exact.
