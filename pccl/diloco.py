@@ -12,6 +12,7 @@ one outer-optimizer step (Nesterov SGD by default; plain SGD in asynchronous mod
         loss_fn(model, next(batches)).backward()
         inner_optimizer.step(); inner_optimizer.zero_grad()
         report = diloco.step()             # every inner_steps-th call: the outer step
+    diloco.finish()                        # asynchronous: apply the reduce still in flight (one more step)
 
 What this object keeps bit-identical on every peer, and re-checks with ``sync_shared_state`` (hash,
 elect, fetch) at the start of every inner phase: the outer parameters (float32, on CPU), the outer
@@ -280,8 +281,8 @@ class DiLoCo:
         """At a phase boundary, with nothing in flight: admit newcomers, wait while alone, sync the
         shared state, reset the model to the outer parameters."""
         while True:
+            self._ensure_connected()  # a master that stays unreachable is an error for the caller
             try:
-                self._ensure_connected()
                 if self.comm.are_peers_pending():
                     self.comm.update_topology()
                 if self._agreed_world() < 2:

@@ -140,3 +140,15 @@ def test_cuda_model(cluster, asynchronous):
     runs = {p.name: p.finish(timeout=RUN_TIMEOUT_S) for p in peers}
     assert_parity(runs)
     assert all(any(e["applied"] for e in outer_events(r)) for r in runs.values())
+
+
+def test_master_gone_for_good_is_an_error_not_a_hang(cluster):
+    c = cluster()
+    peers = [start(c, i, outer_steps=10**6, world=2, inner_sleep=0.01) for i in range(2)]
+    for p in peers:
+        p.wait_event(lambda e: e.get("event") == "outer" and e["step"] >= 2, timeout=RUN_TIMEOUT_S)
+    c.master.kill()
+    for p in peers:
+        # Dropped sessions try to rejoin for a bounded time, then step() raises.
+        e = p.wait_event(lambda e: e.get("event") == "error", timeout=60)
+        assert "MASTER_CONNECTION_FAILED" in e["error"], e
