@@ -10,7 +10,30 @@ Set ``PCCL_LOG_LEVEL`` (TRACE, DEBUG, INFO, WARN, ERR, FATAL, NONE) before the c
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
+
+
+def _use_installed_core() -> None:
+    """Python run from a source checkout (its root first on sys.path, as with ``python -m pccl.demo``
+    there) imports this source tree, which has no compiled module after a regular ``pip install .``.
+    The installed copy of the distribution has it: let this package find ``_core`` there too."""
+    if importlib.util.find_spec("pccl._core") is not None:
+        return
+    from importlib.metadata import PackageNotFoundError, distribution
+    try:
+        files = distribution("pccl-ring").files or []
+    except PackageNotFoundError:
+        return  # not installed at all: the lazy import below raises the usual ImportError
+    for f in files:
+        if f.parts[0] == "pccl" and f.name.startswith("_core"):
+            where = str(f.locate().parent)
+            if where not in __path__:
+                __path__.append(where)
+            return
+
+
+_use_installed_core()
 
 from pccl import cuda
 from pccl._descriptors import (

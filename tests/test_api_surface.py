@@ -339,3 +339,18 @@ def test_torch_descriptors() -> None:
     assert op.sendbuf_ptr == op.recvbuf_ptr == t.data_ptr()
     with pytest.raises(TypeError):
         ReduceOpDescriptor.from_torch(np.ones(4), t, desc)
+
+
+def test_core_loads_from_a_source_checkout():
+    """`python -m pccl.demo` in the repository's root imports the source tree first; after a regular
+    (non-editable) install the compiled module must still be found (in the installed copy)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", "import pccl, pccl._core; print(pccl._core.__file__)"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
