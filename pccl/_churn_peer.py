@@ -27,10 +27,9 @@ into its next shared-state sync). This is how the engine lands kills at exactly 
 a kill from outside would hit only by luck.
 
 The spec (JSON) has ``master``, ``seed``, ``inner_steps``, ``inner_step_sleep_s``, ``hidden``,
-``quantize``, ``asynchronous``, ``outer_optimizer`` (``"default"``: DiLoCo's, Nesterov SGD with lr 0.7
-and momentum 0.9; ``"sgd"``: SGD with lr 0.7 and no momentum, as in PCCL's asynchronous DiLoCo
-example: a pseudo-gradient applied one phase late overshoots, and momentum 0.9 on top of that makes
-this problem diverge); or ``{"probe": true, "master": ...}``, which only connects, reports
+``quantize``, ``asynchronous``, ``outer_optimizer`` (``"default"``: DiLoCo's default for the mode,
+Nesterov SGD 0.7/0.9 when synchronous, plain SGD 0.5 when asynchronous; ``"sgd"``: plain SGD 0.5
+in both modes); or ``{"probe": true, "master": ...}``, which only connects, reports
 ``connected`` with ``world`` (the master's accepted peers including the probe) and leaves: the
 engine's check that the master still answers.
 
@@ -66,7 +65,7 @@ PROBLEM_SEED = 7
 # "die sync": the self-kill fires this long (at most) after the sync call starts, inside it.
 SYNC_DEATH_MAX_DELAY_S = 0.005
 # Learning rate of the "sgd" outer optimizer.
-OUTER_SGD_LEARNING_RATE = 0.7
+OUTER_SGD_LEARNING_RATE = 0.5
 # Reduce attempts remembered for the op_worlds report (the applied one is at most one launch back).
 REMEMBERED_ATTEMPTS = 4
 DEATH_POINTS = ("reduce", "between", "sync")

@@ -10,9 +10,9 @@ passed (parity, no hang, master alive, no peer failing on its own), 1 when one f
 or matplotlib is missing, 130 on Ctrl-C or SIGTERM (every process it started is killed either way).
 
 The run is ``pccl._churn`` (the engine of ``python -m stress.churn``) with a gentler chaos profile.
-The outer optimizer is SGD without momentum, as in PCCL's asynchronous DiLoCo example: DiLoCo's
-default (Nesterov, momentum 0.9) diverges on this problem when each pseudo-gradient lands one phase
-late. Needs PyTorch and matplotlib: ``pip install ".[demo]"``.
+The outer optimizer is DiLoCo's default for asynchronous mode, plain SGD with lr 0.5 (Nesterov
+momentum diverges when each pseudo-gradient lands one phase late). Needs PyTorch and matplotlib:
+``pip install ".[demo]"``.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_MISSING_DEPENDENCY
     config = ChurnConfig(peers=args.peers, duration_s=args.duration, asynchronous=True, seed=args.seed,
                          inner_steps=DEMO_INNER_STEPS, inner_step_sleep_s=DEMO_INNER_STEP_SLEEP_S,
-                         outer_optimizer="sgd", chaos=DEMO_CHAOS)
+                         outer_optimizer="default", chaos=DEMO_CHAOS)
     signal.signal(signal.SIGTERM, raise_interrupt)  # kill the peers on SIGTERM too
     print(f"pccl demo: a master and {args.peers} peers on loopback train an MLP with asynchronous DiLoCo for "
           f"{args.duration:g} s; peers are killed and started at random", flush=True)
