@@ -133,7 +133,7 @@ class ChurnConfig:
     inner_steps: int = 8
     inner_step_sleep_s: float = 0.02   # keeps 8 peers on 2 cores from starving each other
     hidden: int = 32
-    outer_optimizer: str = "default"   # "default" (DiLoCo's Nesterov SGD) or "sgd" (no momentum): _churn_peer
+    outer_optimizer: str = "default"   # "default" (DiLoCo's default for the mode) or "sgd" (plain SGD 0.5): _churn_peer
     chaos: ChaosProfile = ChaosProfile()
     log_level: str = "INFO"            # PCCL_LOG_LEVEL of the master and the peers (their stderr files)
     log_dir: Path | None = None        # None: a fresh temporary directory
