@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hang-bound", type=float, default=DEFAULT_HANG_BOUND_S,
                         help="seconds without progress that count as a hang (default %(default)s)")
     parser.add_argument("--outer-optimizer", choices=("default", "sgd"), default="default",
-                        help="DiLoCo's default for the mode (sync: Nesterov SGD, async: SGD 0.5) or plain SGD 0.5 (default %(default)s)")
+                        help="DiLoCo's default for the mode (sync: Nesterov SGD, async: SGD 0.5) "
+                             "or plain SGD 0.5 (default %(default)s)")
     parser.add_argument("--hidden", type=int, default=ChurnConfig.hidden,
                         help="hidden units of the peers' MLP; more: longer reduces and syncs (default %(default)s)")
     parser.add_argument("--log-dir", type=Path, default=None, help="where peer logs and events go (default: a temp dir)")
