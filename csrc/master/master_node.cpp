@@ -220,6 +220,7 @@ MasterNode::MasterNode(std::string listen_address, std::chrono::milliseconds pee
 MasterNode::~MasterNode() { interrupt(); }
 
 Status MasterNode::run() {
+    std::lock_guard lifecycle(lifecycle_mutex_);
     if (running_.load()) return Status::error(Result::INVALID_USAGE, "the master is already running");
     if (thread_.joinable()) thread_.join();
     net::Endpoint at;
@@ -254,6 +255,7 @@ Status MasterNode::run() {
 }
 
 void MasterNode::interrupt() {
+    std::lock_guard lifecycle(lifecycle_mutex_);  // two interrupts must not both join the thread
     if (impl_) impl_->loop.stop();
     if (thread_.joinable()) thread_.join();
     running_.store(false);

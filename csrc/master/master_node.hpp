@@ -37,6 +37,7 @@ private:
     std::chrono::milliseconds peer_timeout_;
     std::unique_ptr<Impl> impl_;
     std::mutex impl_mutex_;  // guards replacing impl_ against status_json() on another thread
+    std::mutex lifecycle_mutex_;  // run() and interrupt() one at a time, from any threads
     std::thread thread_;
     std::atomic<uint16_t> port_{0};
     std::atomic<bool> running_{false};
