@@ -24,6 +24,8 @@ import statistics
 import time
 import traceback
 
+from _membership import wait_for_world
+
 DEFAULT_SIZES = ["4KiB", "1MiB", "16MiB", "64MiB", "256MiB"]
 UNITS = {u + s: 1 << 10 * i for i, u in enumerate("KMG", 1) for s in ("", "IB", "B")} | {"": 1, "B": 1}
 WARMUP = 2
@@ -120,14 +122,7 @@ def pccl_worker(rank, world, port, sizes, pool, reps, q):
         import pccl
         comm = pccl.Communicator(f"127.0.0.1:{port}", peer_group=0, p2p_connection_pool_size=pool)
         comm.connect(n_attempts=20)
-        deadline = time.monotonic() + 60
-        while comm.get_attribute(pccl.Attribute.LOCAL_WORLD_SIZE) < world:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the world never reached its size")
-            if comm.are_peers_pending():
-                comm.update_topology()
-            else:
-                time.sleep(0.01)
+        wait_for_world(comm, world)
 
         def make(count, rank, mode):
             send = np.full(count, rank + 1, dtype=np.float32)

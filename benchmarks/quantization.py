@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from _membership import wait_for_world
+
 MIB = 1 << 20
 QUANT = {"none": None, "u8 min-max": ("UINT8", "MIN_MAX"), "u16 min-max": ("UINT16", "MIN_MAX"),
          "u8 zero-point": ("UINT8", "ZERO_POINT_SCALE")}
@@ -47,14 +49,7 @@ def peer_main(cfg: dict) -> None:
     import pccl
     comm = pccl.Communicator(cfg["addr"], peer_group=0, p2p_connection_pool_size=1)
     comm.connect(n_attempts=30)
-    deadline = time.monotonic() + 60
-    while comm.get_attribute(pccl.Attribute.LOCAL_WORLD_SIZE) < cfg["world"]:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the world never reached its size")
-        if comm.are_peers_pending():
-            comm.update_topology()
-        else:
-            time.sleep(0.01)
+    wait_for_world(comm, cfg["world"])
     rank, world, SUM, out = cfg["rank"], cfg["world"], pccl.ReduceOp.SUM, {}
     data = lambda r, n: np.random.default_rng(SEED + r).standard_normal(n, dtype=np.float32)  # noqa: E731
     if cfg["task"] == "timing":  # variants alternate within every round; the first pass is a warm-up

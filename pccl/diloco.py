@@ -242,7 +242,7 @@ class DiLoCo:
         h.update(int(self.shared_state.revision).to_bytes(8, "little"))
         for info in self.shared_state.tensor_infos:
             h.update(info.name.encode())
-            h.update(info.tensor.detach().cpu().contiguous().numpy().tobytes())
+            h.update(info.tensor.detach().cpu().contiguous().numpy())  # hashed in place, not copied
         return h.hexdigest()
 
     # -- the two loops -------------------------------------------------------------------------
