@@ -76,7 +76,12 @@ Status Communicator::get_attribute(Attribute attribute, int64_t& value) const {
     auto s = current_session();
     if (!s) return Status::error(Result::NOT_INITIALIZED, "not connected: call connect() first");
     const Attributes a = s->attributes();
-    if (!a.admitted) return Status::error(Result::NOT_INITIALIZED, "not connected to a run (never connected, closed or dropped)");
+    if (!a.admitted) {
+        // A session that ended says why (dropped by the master: MASTER_CONNECTION_FAILED), as
+        // every other call does; one that never got in is simply not initialised.
+        if (!s->alive()) return s->over_status();
+        return Status::error(Result::NOT_INITIALIZED, "not connected to a run yet: call connect() first");
+    }
     switch (attribute) {
         case Attribute::GLOBAL_WORLD_SIZE: value = a.global_world; return Status::ok();
         case Attribute::LOCAL_WORLD_SIZE: value = a.local_world; return Status::ok();

@@ -91,6 +91,8 @@ public:
     // Leaves the run and joins the reactor. Idempotent.
     void shutdown(bool say_goodbye);
     bool alive() const { return alive_.load(); }
+    // Why the session ended (kicked, master lost, closed): what every call reports once it is over.
+    Status over_status();
     uint64_t peer_id() const { return my_id_.load(); }
 
     // DataPlaneEvents (reactor thread)
@@ -140,7 +142,6 @@ private:
     void send_master(const wire::Message& m);
     void tick();
     void end_session(const Status& why);
-    Status over_status();  // why posts are refused  // kicked / lost master / closed: fail everything
     void finish_op(const std::shared_ptr<ReduceHandle>& h, Status status);
     void restore_input(ReduceHandle& h);
     void release_backup(ReduceHandle& h);
