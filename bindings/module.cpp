@@ -24,6 +24,7 @@ using namespace pccl;
 
 void bind_quant(pybind11::module_&);  // bindings/quant_bindings.cpp
 void bind_send_queue(pybind11::module_&);  // bindings/send_queue_bindings.cpp
+void bind_ring_solver(pybind11::module_&);  // bindings/ring_solver_bindings.cpp
 
 namespace {
 
@@ -77,6 +78,9 @@ public:
     }
     std::tuple<int, std::string> update_topology() {
         return as_tuple(blocking([&](auto& check) { return impl_.update_topology(check); }));
+    }
+    std::tuple<int, std::string> optimize_topology() {
+        return as_tuple(blocking([&](auto& check) { return impl_.optimize_topology(check); }));
     }
     std::tuple<int, std::string, bool> are_peers_pending() {
         bool pending = false;
@@ -168,6 +172,7 @@ PYBIND11_MODULE(_core, m) {
              py::arg("pool_size") = 1)
         .def("connect", &PyCommunicator::connect, py::arg("n_attempts"))
         .def("update_topology", &PyCommunicator::update_topology)
+        .def("optimize_topology", &PyCommunicator::optimize_topology)
         .def("are_peers_pending", &PyCommunicator::are_peers_pending)
         .def("get_attribute", &PyCommunicator::get_attribute, py::arg("attribute"))
         .def("all_reduce_async", &PyCommunicator::all_reduce_async, py::arg("send_ptr"), py::arg("recv_ptr"),
@@ -244,4 +249,5 @@ PYBIND11_MODULE(_core, m) {
 
     bind_quant(m);
     bind_send_queue(m);
+    bind_ring_solver(m);
 }

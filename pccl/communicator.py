@@ -123,6 +123,17 @@ class Communicator:
         code, message = self._core.update_topology()
         PCCLError.check(code, "update_topology", message)
 
+    def optimize_topology(self) -> None:
+        """Collective: ``update_topology`` plus a bandwidth-aware ring.
+
+        The master has every pair of peers not measured yet stream to each other briefly (pairs
+        whose links are independent at once; rates cached per pair of hosts), then adopts the ring
+        order whose slowest link is fastest. Every accepted peer calls it; with collectives in
+        flight it raises ``PENDING_ASYNC_OPS``.
+        """
+        code, message = self._core.optimize_topology()
+        PCCLError.check(code, "optimize_topology", message)
+
     def are_peers_pending(self) -> bool:
         """Collective query: whether peers wait to be admitted (all members get the same answer)."""
         code, message, pending = self._core.are_peers_pending()

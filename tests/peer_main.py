@@ -577,6 +577,30 @@ def scenario_cuda(spec: dict[str, Any]) -> None:
     comm.close()
 
 
+def scenario_optimize(spec: dict[str, Any]) -> None:
+    """Joins, times an all-reduce, calls optimize_topology(), times it again on the new ring."""
+    comm = connect(spec)
+    join(comm, spec["world"])
+    x = np.full(spec.get("count", 1 << 16), spec["index"] + 1, dtype=np.float32)
+
+    def timed(label: str) -> None:
+        best = float("inf")
+        for _ in range(spec.get("rounds", 1)):
+            y = x.copy()
+            start = time.perf_counter()
+            comm.all_reduce(y, y)
+            best = min(best, time.perf_counter() - start)
+        emit(event=label, seconds=best, value=float(y[0]), uniform=bool(np.all(y == y[0])), digest=digest(y))
+
+    timed("before")
+    for _ in range(spec.get("optimize_calls", 1)):
+        comm.optimize_topology()
+    emit(event="optimized", world=local_world(comm))
+    timed("after")
+    time.sleep(spec.get("linger", 0.5))
+    comm.close()
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 

@@ -44,6 +44,12 @@ Status Communicator::update_topology(const InterruptCheck& interrupted) {
     return s->update_topology(interrupted);
 }
 
+Status Communicator::optimize_topology(const InterruptCheck& interrupted) {
+    auto s = current_session();
+    if (!s) return Status::error(Result::NOT_INITIALIZED, "not connected: call connect() first");
+    return s->optimize_topology(interrupted);
+}
+
 Status Communicator::are_peers_pending(bool& pending, const InterruptCheck& interrupted) {
     auto s = current_session();
     if (!s) return Status::error(Result::NOT_INITIALIZED, "not connected: call connect() first");

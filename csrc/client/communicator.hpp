@@ -60,6 +60,9 @@ public:
     // Registers and returns once admitted to the ring. `interrupted` set: INVALID_USAGE + message.
     Status connect(int n_attempts, const InterruptCheck& interrupted);
     Status update_topology(const InterruptCheck& interrupted);
+    // update_topology() that also measures the bandwidth between peers (pairs not measured yet) and
+    // adopts the ring whose slowest link is fastest. Collective: every accepted peer calls it.
+    Status optimize_topology(const InterruptCheck& interrupted);
     Status are_peers_pending(bool& pending, const InterruptCheck& interrupted);
     Status get_attribute(Attribute attribute, int64_t& value) const;
 

@@ -62,7 +62,7 @@ private:
 
 DataPlane::DataPlane(net::EventLoop& loop, DataPlaneEvents& events, size_t pool_size)
     : loop_(loop), events_(events), pool_size_(std::clamp<size_t>(pool_size, 1, limits::kMaxPoolSize)),
-      discard_(limits::kDiscardBufferBytes) {}
+      probe_sink_(loop), discard_(limits::kDiscardBufferBytes) {}
 
 DataPlane::~DataPlane() { close_all(); }
 
@@ -454,6 +454,13 @@ void DataPlane::on_in_io(uint64_t id, uint32_t events) {
                 if (c.header_got < sizeof(c.header)) break;
                 c.h = wire::decode_data_header(c.header);
                 if (!wire::header_is_sane(c.h)) return close_in(id, "malformed data frame header");
+                if (c.state == InState::HELLO && c.h.kind == static_cast<uint8_t>(wire::DataFrameKind::PROBE_HELLO)) {
+                    if (c.h.b != me_ || c.h.a == 0) return close_in(id, "bad probe handshake");
+                    net::Fd fd = std::move(c.fd);
+                    close_in(id, "handed to the bandwidth probe receiver");
+                    probe_sink_.adopt(std::move(fd));
+                    return;
+                }
                 if (c.state == InState::HELLO) {
                     if (c.h.kind != static_cast<uint8_t>(wire::DataFrameKind::P2P_HELLO) || c.h.b != me_ || c.h.a == 0)
                         return close_in(id, "bad handshake");
@@ -727,6 +734,7 @@ void DataPlane::fail_op(uint64_t uid, const Status& why, PeerId suspect) {
 }
 
 void DataPlane::check_deadlines(Clock::time_point now, std::chrono::milliseconds timeout) {
+    probe_sink_.check_deadlines(now);
     std::vector<std::pair<uint64_t, PeerId>> stalled;
     for (const auto& [uid, op] : ops_)
         if (now - op.last_progress > timeout) stalled.emplace_back(uid, op.prev);
@@ -758,6 +766,7 @@ void DataPlane::check_deadlines(Clock::time_point now, std::chrono::milliseconds
 }
 
 void DataPlane::close_all() {
+    probe_sink_.close_all();
     for (auto& [id, c] : out_) loop_.unwatch(c->watch);
     for (auto& [id, c] : in_) loop_.unwatch(c->watch);
     out_.clear();

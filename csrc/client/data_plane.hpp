@@ -22,6 +22,7 @@
 #include "common/status.hpp"
 #include "net/address.hpp"
 #include "net/event_loop.hpp"
+#include "client/bandwidth_probe.hpp"
 #include "client/send_queue.hpp"
 #include "ring/ring_allreduce.hpp"
 #include "wire/data_frame.hpp"
@@ -80,6 +81,7 @@ public:
         uint64_t bytes = 0;
     };
     void begin_sync(uint64_t uid, std::vector<SyncBuffer> entries);
+    size_t pool_size() const { return pool_size_; }
     void expect_sync_ranges(uint64_t uid, const std::vector<wire::SyncRange>& ranges);
     void send_sync_ranges(uint64_t uid, const std::vector<wire::SyncRange>& ranges);
     OpStats end_sync(uint64_t uid);
@@ -172,6 +174,7 @@ private:
     net::EventLoop& loop_;
     DataPlaneEvents& events_;
     size_t pool_size_;
+    ProbeSink probe_sink_;  // incoming optimize_topology() probes
     PeerId me_ = 0;
     net::Fd listener_;
     uint64_t listener_watch_ = 0;

@@ -6,6 +6,7 @@
 
 #include <sys/epoll.h>
 
+#include "client/bandwidth_probe.hpp"
 #include "common/limits.hpp"
 #include "common/log.hpp"
 #include "net/address.hpp"
@@ -99,6 +100,10 @@ Status Session::update_topology(const InterruptCheck& interrupted) {
     return run_call(CallKind::UPDATE_TOPOLOGY, interrupted).status;
 }
 
+Status Session::optimize_topology(const InterruptCheck& interrupted) {
+    return run_call(CallKind::OPTIMIZE_TOPOLOGY, interrupted).status;
+}
+
 Status Session::are_peers_pending(bool& pending, const InterruptCheck& interrupted) {
     auto r = run_call(CallKind::PEERS_PENDING, interrupted);
     pending = r.flag;
@@ -180,6 +185,7 @@ void Session::shutdown(bool say_goodbye) {
     loop_.stop();
     if (thread_.get_id() == std::this_thread::get_id()) return;
     if (thread_.joinable()) thread_.join();
+    stop_probe();
     // The reactor has exited (or never ran, when connect failed early): settle what it left behind.
     end_session(Status::error(Result::NOT_INITIALIZED, "the communicator was closed"));
 }
@@ -200,15 +206,18 @@ void Session::start_call(CallKind kind, std::shared_ptr<Completion<CallResult>> 
     }
     if (!attributes().admitted)
         return void(done->complete({Status::error(Result::NOT_INITIALIZED, "not connected: call connect() first"), false}));
-    if (kind == CallKind::UPDATE_TOPOLOGY && sync_)
+    const bool changes_ring = kind == CallKind::UPDATE_TOPOLOGY || kind == CallKind::OPTIMIZE_TOPOLOGY;
+    const char* name = kind == CallKind::OPTIMIZE_TOPOLOGY ? "optimize_topology" : "update_topology";
+    if (changes_ring && sync_)
         return void(done->complete({Status::error(Result::INVALID_USAGE, "sync_shared_state is in progress on another thread"), false}));
-    if (kind == CallKind::UPDATE_TOPOLOGY && !ops_by_tag_.empty())
+    if (changes_ring && !ops_by_tag_.empty())
         return void(done->complete({Status::error(Result::PENDING_ASYNC_OPS,
                                                   std::to_string(ops_by_tag_.size()) +
-                                                      " all-reduce(s) still in flight; wait for them before update_topology"),
+                                                      " all-reduce(s) still in flight; wait for them before " + name),
                                     false}));
     call_ = MembershipCall{kind, {std::move(done)}};
     if (kind == CallKind::UPDATE_TOPOLOGY) send_master(wire::VoteUpdateTopology{});
+    else if (kind == CallKind::OPTIMIZE_TOPOLOGY) send_master(wire::VoteOptimizeTopology{});
     else send_master(wire::VotePeersPending{});
 }
 
@@ -273,7 +282,9 @@ void Session::handle(wire::Message&& m) {
                    [&](wire::TopologyComplete&) {
                        finish_call(CallKind::CONNECT, {Status::ok(), false});
                        finish_call(CallKind::UPDATE_TOPOLOGY, {Status::ok(), false});
+                       finish_call(CallKind::OPTIMIZE_TOPOLOGY, {Status::ok(), false});
                    },
+                   [&](wire::BandwidthProbe& x) { on_bandwidth_probe(x); },
                    [&](wire::PeersPendingAnswer& x) { finish_call(CallKind::PEERS_PENDING, {Status::ok(), x.pending != 0}); },
                    [&](wire::OpGo& x) { on_go(x); },
                    [&](wire::OpResult& x) { on_result(x); },
@@ -555,6 +566,31 @@ void Session::finish_sync(Status status, uint64_t revision) {
     call->outcome.rx_bytes = stats.rx_bytes;
     call->done = true;
     call->changed.notify_all();
+}
+
+// Runs while the reactor goes on (heartbeats, the master's messages); the caller of
+// optimize_topology() is blocked meanwhile, so no collective competes with the stream.
+void Session::on_bandwidth_probe(const wire::BandwidthProbe& probe) {
+    stop_probe();  // a previous probe has reported already; join its thread
+    probe_stop_.store(false);
+    const net::Endpoint target = net::Endpoint::from(probe.target.ip, probe.target.p2p_port);
+    const uint64_t me = my_id_.load();
+    const size_t connections = data_plane_.pool_size();
+    const auto duration = std::chrono::milliseconds(
+        std::clamp<uint32_t>(probe.duration_ms, limits::kMinBandwidthProbeDuration.count(), limits::kMaxBandwidthProbeDuration.count()));
+    probe_thread_ = std::thread([this, probe, target, me, connections, duration] {
+        const ProbeOutcome r = run_bandwidth_probe(target, me, probe.target.peer_id, connections, duration, probe_stop_);
+        PCCL_LOG(INFO, "peer ", me, ": bandwidth to peer ", probe.target.peer_id, ": ",
+                 r.ok ? std::to_string(r.bits_per_second / 1000000) + " Mbit/s" : "failed: " + r.reason);
+        post([this, probe, r] {
+            send_master(wire::BandwidthReport{probe.probe_id, probe.target.peer_id, r.bits_per_second, uint8_t(r.ok ? 1 : 0), r.reason});
+        });
+    });
+}
+
+void Session::stop_probe() {
+    probe_stop_.store(true);
+    if (probe_thread_.joinable() && probe_thread_.get_id() != std::this_thread::get_id()) probe_thread_.join();
 }
 
 void Session::tick() {

@@ -82,6 +82,7 @@ public:
     // Caller thread: open the master connection and register; returns once admitted.
     Status connect(const std::string& master_address, int n_attempts, const InterruptCheck& interrupted);
     Status update_topology(const InterruptCheck& interrupted);
+    Status optimize_topology(const InterruptCheck& interrupted);
     Status are_peers_pending(bool& pending, const InterruptCheck& interrupted);
     Attributes attributes() const;
     SyncOutcome sync_shared_state(const std::vector<SyncEntryDesc>& entries, uint64_t revision, uint8_t strategy,
@@ -102,7 +103,7 @@ public:
     void on_sync_stalled(uint64_t uid, const Status& why) override;
 
 private:
-    enum class CallKind { CONNECT, UPDATE_TOPOLOGY, PEERS_PENDING };
+    enum class CallKind { CONNECT, UPDATE_TOPOLOGY, OPTIMIZE_TOPOLOGY, PEERS_PENDING };
     struct CallResult {
         Status status;
         bool flag = false;
@@ -138,6 +139,8 @@ private:
     void handle(wire::Message&& m);
     void on_topology(const wire::Topology& t);
     void on_go(const wire::OpGo& go);
+    void on_bandwidth_probe(const wire::BandwidthProbe& probe);
+    void stop_probe();
     void on_result(const wire::OpResult& r);
     void send_master(const wire::Message& m);
     void tick();
@@ -176,6 +179,11 @@ private:
     std::string end_reason_;
     std::unordered_map<uint64_t, std::shared_ptr<ReduceHandle>> ops_by_tag_;
     std::unordered_map<uint64_t, uint64_t> tag_by_uid_;
+
+    // One bandwidth probe at a time streams on its own thread (the master runs a peer's probes one
+    // after another); it reports back through post().
+    std::thread probe_thread_;
+    std::atomic<bool> probe_stop_{false};
 };
 
 }  // namespace pccl::client

@@ -13,7 +13,8 @@ using std::chrono::milliseconds;
 inline constexpr uint32_t kControlMagic = 0x4C434350;  // "PCCL" little endian
 inline constexpr uint32_t kDataMagic = 0x44434350;     // "PCCD" little endian
 // 2: OP_END carries the op's tx/rx byte counts (summed by the master for its status page).
-inline constexpr uint16_t kProtocolVersion = 2;
+// 3: topology optimisation (VOTE_OPTIMIZE_TOPOLOGY, BANDWIDTH_PROBE/REPORT, PROBE_HELLO data frames).
+inline constexpr uint16_t kProtocolVersion = 3;
 // Before HELLO a connection may send only tiny frames; a registered peer's shared-state vote lists
 // every entry (name, dtype, size, hash), so it may send up to kMaxPeerToMasterFrameBytes.
 inline constexpr uint32_t kMaxUnregisteredFrameBytes = 64 * 1024;
@@ -46,6 +47,7 @@ inline constexpr size_t kMaxDroppedPeersRemembered = 32;
 inline constexpr size_t kMaxStatusPeersListed = 4096;
 inline constexpr size_t kMaxStatusOpsListed = 256;
 inline constexpr size_t kMaxStatusIdsPerOp = 64;
+inline constexpr size_t kMaxStatusLinksListed = 1024;
 // A status request waits this long for the master's thread to take its snapshot, then gives up.
 inline constexpr milliseconds kStatusSnapshotTimeout{2000};
 // The HTTP server: requests served at once (a connection over this is closed unanswered), and how
@@ -86,5 +88,27 @@ inline constexpr size_t kMinPieceBytes = 256 * 1024;
 inline constexpr size_t kMaxCachedScratchBytes = 1ull << 30;
 inline constexpr size_t kMaxSendBatchIov = 64;
 inline constexpr size_t kDiscardBufferBytes = 64 * 1024;
+
+// ---- topology optimisation (optimize_topology; csrc/master/topology_*, csrc/client/bandwidth_probe.*) ----
+// How long one directed pair streams. Long enough for TCP to leave slow start on a 100 ms path
+// (cwnd doubles per RTT: ~7 RTTs to fill 1 Gbit/s), and only the second half of it is counted;
+// PCCL_BANDWIDTH_PROBE_MS on the master overrides it.
+inline constexpr milliseconds kBandwidthProbeDuration{1200};
+inline constexpr milliseconds kMinBandwidthProbeDuration{50};
+inline constexpr milliseconds kMaxBandwidthProbeDuration{30000};
+// After its streaming time a probe waits this long for the receiver's receipt before reporting 0.
+inline constexpr milliseconds kBandwidthProbeReceiptTimeout{5000};
+// A measured rate is trusted this long, then measured again by the next optimize_topology().
+inline constexpr std::chrono::seconds kBandwidthCacheTtl{600};
+// Rings of up to this many peers are solved exactly (bottleneck Hamiltonian cycle, O(2^n n^2)).
+inline constexpr size_t kMaxExactRingPeers = 16;
+// Relocation passes of the heuristic used beyond kMaxExactRingPeers.
+inline constexpr size_t kMaxRingHeuristicPasses = 64;
+// The ring is only reordered when the new bottleneck beats the current one by this fraction:
+// measurement noise alone must not reshuffle a ring (every reorder reconnects the pools).
+inline constexpr double kRingImprovementMargin = 0.10;
+// Write size of a probe's sender, and the most rate samples a probe's receiver keeps.
+inline constexpr size_t kBandwidthProbeChunkBytes = 256 * 1024;
+inline constexpr size_t kMaxBandwidthProbeSamples = 1 << 16;
 
 }  // namespace pccl::limits

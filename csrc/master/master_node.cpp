@@ -1,5 +1,6 @@
 #include "master/master_node.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <cstdlib>
@@ -31,6 +32,17 @@ std::chrono::milliseconds resolve_peer_timeout(std::chrono::milliseconds request
     return std::max(requested, limits::kMinPeerTimeout);
 }
 
+// PCCL_BANDWIDTH_PROBE_MS: how long each pair streams during optimize_topology() (tests on
+// short emulated links use less; a path with a long round trip may want more).
+std::chrono::milliseconds resolve_probe_duration() {
+    auto duration = limits::kBandwidthProbeDuration;
+    if (const char* env = std::getenv("PCCL_BANDWIDTH_PROBE_MS")) {
+        const long v = std::strtol(env, nullptr, 10);
+        if (v > 0) duration = std::chrono::milliseconds(v);
+    }
+    return std::clamp(duration, limits::kMinBandwidthProbeDuration, limits::kMaxBandwidthProbeDuration);
+}
+
 struct MasterNode::Impl final : Outbox {
     struct Connection {
         net::ControlConnection stream;
@@ -47,7 +59,7 @@ struct MasterNode::Impl final : Outbox {
     std::vector<std::tuple<ConnId, std::string, DropCause>> to_close;
     ConnId next_conn = 1;
 
-    explicit Impl(std::chrono::milliseconds timeout) : state(*this, timeout) {}
+    explicit Impl(std::chrono::milliseconds timeout) : state(*this, timeout, resolve_probe_duration()) {}
 
     // ---- Outbox
     void send(ConnId id, const wire::Message& m) override {

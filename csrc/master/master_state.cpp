@@ -25,8 +25,8 @@ std::string describe_op(const wire::OpBegin& d) {
 
 }  // namespace
 
-MasterState::MasterState(Outbox& outbox, std::chrono::milliseconds peer_timeout)
-    : out_(outbox), peer_timeout_(peer_timeout) {}
+MasterState::MasterState(Outbox& outbox, std::chrono::milliseconds peer_timeout, std::chrono::milliseconds probe_duration)
+    : out_(outbox), peer_timeout_(peer_timeout), probe_duration_(probe_duration) {}
 
 // ---------------------------------------------------------------- connections
 
@@ -84,6 +84,8 @@ void MasterState::handle_peer_message(Peer& p, wire::Message&& m, Clock::time_po
                    [&](wire::Heartbeat&) {},
                    [&](wire::Goodbye&) { drop_peer(p.id, DropCause::LEFT, "left gracefully", /*tell_peer=*/false); },
                    [&](wire::VoteUpdateTopology&) { on_vote_update(p); },
+                   [&](wire::VoteOptimizeTopology&) { on_vote_optimize(p); },
+                   [&](wire::BandwidthReport& x) { on_bandwidth_report(p, x, now); },
                    [&](wire::P2PReady& x) { on_p2p_ready(p, x); },
                    [&](wire::VotePeersPending&) { on_vote_pending(p); },
                    [&](wire::OpBegin& x) { on_op_begin(p, x, now); },
@@ -150,7 +152,7 @@ void MasterState::start_admission_round() {
     for (PeerId id : pending_order_) {
         Peer& p = peers_.at(id);
         p.state = PeerState::ACCEPTED;
-        ring_.push_back(id);
+        insert_newcomer(id);
         PCCL_LOG(INFO, "master: admitting ", describe(id));
     }
     pending_order_.clear();
@@ -160,28 +162,56 @@ void MasterState::start_admission_round() {
     check_round_complete();
 }
 
+bool MasterState::may_vote_update(Peer& p, const char* call) {
+    const std::string c = call;
+    if (p.state != PeerState::ACCEPTED) return violation(p, "voted " + c + " before being accepted"), false;
+    if (p.voted_update || round_active_ || optimize_.active) return violation(p, "voted " + c + " twice"), false;
+    if (p.voted_pending) return violation(p, "voted " + c + " while its are_peers_pending vote is open"), false;
+    if (p.ops_in_flight != 0) return violation(p, "voted " + c + " with collective operations in flight"), false;
+    if (p.in_sync) return violation(p, "voted " + c + " during a shared-state sync"), false;
+    return true;
+}
+
 void MasterState::on_vote_update(Peer& p) {
-    if (p.state != PeerState::ACCEPTED) return violation(p, "voted update_topology before being accepted");
-    if (p.voted_update || round_active_) return violation(p, "voted update_topology twice");
-    if (p.voted_pending) return violation(p, "voted update_topology while its are_peers_pending vote is open");
-    if (p.ops_in_flight != 0) return violation(p, "voted update_topology with collective operations in flight");
-    if (p.in_sync) return violation(p, "voted update_topology during a shared-state sync");
+    if (!may_vote_update(p, "update_topology")) return;
     p.voted_update = true;
+    p.wants_optimize = false;
     check_update_votes();
 }
 
-void MasterState::check_update_votes() {
-    if (ring_.empty() || round_active_) return;
-    for (PeerId id : ring_)
-        if (!peers_.at(id).voted_update) return resolve_stalemate();
-    if (pending_order_.empty()) {
-        // Nobody to admit: the vote completes at once and the ring stays as it is.
-        for (PeerId id : ring_) {
-            peers_.at(id).voted_update = false;
-            send_to(id, wire::TopologyComplete{epoch_});
-        }
-        return;
+// optimize_topology() is update_topology() plus a bandwidth-aware reorder: it admits whoever is
+// pending like an update vote does, and the ring is optimised only when every voter asked for it
+// (a peer calling update_topology meanwhile gets its update, and the optimisers a plain one).
+void MasterState::on_vote_optimize(Peer& p) {
+    if (!may_vote_update(p, "optimize_topology")) return;
+    p.voted_update = true;
+    p.wants_optimize = true;
+    check_update_votes();
+}
+
+void MasterState::complete_update_votes() {
+    for (PeerId id : ring_) {
+        Peer& p = peers_.at(id);
+        p.voted_update = false;
+        p.wants_optimize = false;
+        send_to(id, wire::TopologyComplete{epoch_});
     }
+}
+
+void MasterState::check_update_votes() {
+    if (ring_.empty() || round_active_ || optimize_.active) return;
+    bool optimize = true;
+    for (PeerId id : ring_) {
+        const Peer& p = peers_.at(id);
+        if (!p.voted_update) return resolve_stalemate();
+        optimize &= p.wants_optimize;
+    }
+    if (pending_order_.empty()) {
+        // Nobody to admit: a plain update completes at once and the ring stays as it is.
+        if (optimize) return start_optimization(Clock::now());
+        return complete_update_votes();
+    }
+    optimize_after_round_ = optimize;
     start_admission_round();
 }
 
@@ -205,10 +235,12 @@ void MasterState::check_round_complete() {
         if (peers_.at(id).confirmed_epoch != epoch_) return;
     round_active_ = false;
     PCCL_LOG(INFO, "master: topology epoch ", epoch_, " complete with ", ring_.size(), " peers");
-    for (PeerId id : ring_) {
-        peers_.at(id).voted_update = false;
-        send_to(id, wire::TopologyComplete{epoch_});
+    if (optimize_after_round_) {
+        // The newcomers are connected; now measure what is unknown and choose the ring.
+        optimize_after_round_ = false;
+        return start_optimization(Clock::now());
     }
+    complete_update_votes();
     // Peers that registered during the round wait for the next update_topology, unless nobody is left.
     maybe_admit();
 }
@@ -216,7 +248,7 @@ void MasterState::check_round_complete() {
 void MasterState::on_vote_pending(Peer& p) {
     if (p.state != PeerState::ACCEPTED) return violation(p, "asked are_peers_pending before being accepted");
     if (p.voted_pending) return violation(p, "voted are_peers_pending twice");
-    if (p.voted_update || round_active_) return violation(p, "voted are_peers_pending during update_topology");
+    if (p.voted_update || round_active_ || optimize_.active) return violation(p, "voted are_peers_pending during update_topology");
     p.voted_pending = true;
     check_pending_votes();
 }
@@ -240,7 +272,7 @@ void MasterState::check_pending_votes() {
 // "no" and update_topology completes without change. Peers asked "pending?" while others voted for
 // an update are answered "yes", which makes them vote for it too.
 void MasterState::resolve_stalemate() {
-    if (ring_.empty() || round_active_) return;
+    if (ring_.empty() || round_active_ || optimize_.active) return;
     std::set<PeerId> waiting_in_op;
     for (const auto& [key, rec] : ops_)
         if (!rec.started) waiting_in_op.insert(rec.begun.begin(), rec.begun.end());
@@ -266,6 +298,7 @@ void MasterState::resolve_stalemate() {
             }
             if (p.voted_update) {
                 p.voted_update = false;
+                p.wants_optimize = false;
                 send_to(id, wire::TopologyComplete{epoch_});
             }
         }
@@ -283,7 +316,8 @@ void MasterState::resolve_stalemate() {
 
 void MasterState::on_op_begin(Peer& p, const wire::OpBegin& m, Clock::time_point now) {
     if (p.state != PeerState::ACCEPTED) return violation(p, "began an operation before being accepted");
-    if (p.voted_update || round_active_) return violation(p, "began an operation during update_topology");
+    if (p.voted_update || round_active_ || optimize_.active)
+        return violation(p, "began an operation during update_topology");
     if (p.in_sync) return violation(p, "began an operation during a shared-state sync");
     if (!is_valid(static_cast<DataType>(m.dtype)) || !is_valid(static_cast<ReduceOp>(m.op)) ||
         !is_valid(static_cast<QuantizationAlgorithm>(m.quant_algorithm)) ||
@@ -413,7 +447,8 @@ void MasterState::finish_op(const OpKey& key, uint8_t result, const std::string&
 
 void MasterState::on_sync_vote(Peer& p, wire::SyncVote&& m) {
     if (p.state != PeerState::ACCEPTED) return violation(p, "voted a sync before being accepted");
-    if (p.voted_update || round_active_) return violation(p, "voted a sync during update_topology");
+    if (p.voted_update || round_active_ || optimize_.active)
+        return violation(p, "voted a sync during update_topology");
     if (p.ops_in_flight != 0) return violation(p, "voted a sync with collective operations in flight");
     if (p.in_sync) return violation(p, "voted a sync twice");
     if (m.strategy >= kSyncStrategyCount) return violation(p, "voted a sync with an unknown strategy");
@@ -604,6 +639,7 @@ void MasterState::drop_peer(PeerId id, DropCause cause, const std::string& reaso
             finish_op(key, static_cast<uint8_t>(Result::RANK_CONNECTION_LOST), who + " left the ring: " + reason);
         }
         sync_peer_gone(dropped.group, id);
+        if (optimize_.active) optimization_peer_gone(id);
         if (group_ring(dropped.group).empty()) group_revision_.erase(dropped.group);  // the next peers start afresh
         // Remove empty not-yet-started records, then see whether the remaining votes now agree.
         std::erase_if(ops_, [&](const auto& kv) { return !kv.second.started && kv.second.begun.empty(); });
@@ -650,6 +686,17 @@ StatusSnapshot MasterState::snapshot(Clock::time_point now) const {
     s.peer_timeout_ms = static_cast<uint64_t>(peer_timeout_.count());
     s.epoch = epoch_;
     s.topology_round_active = round_active_;
+    s.topology_optimizing = optimize_.active;
+    for (const auto& [key, m] : bandwidth_) {
+        if (s.links.size() >= limits::kMaxStatusLinksListed) break;
+        auto host = [](const HostKey& k) {
+            wire::IpAddress ip;
+            ip.family = k[0];
+            std::copy(k.begin() + 1, k.end(), ip.bytes.begin());
+            return net::Endpoint::from(ip, 0).host_string();
+        };
+        s.links.push_back(StatusLink{host(key.first), host(key.second), m.bits_per_second, seconds_since(m.at)});
+    }
     s.world_size = ring_.size();
     s.peer_count = peers_.size();
     s.connection_count = conns_.size();

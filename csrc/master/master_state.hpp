@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <array>
 #include <map>
 #include <optional>
 #include <set>
@@ -14,6 +15,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/limits.hpp"
+#include "master/ring_solver.hpp"
 #include "master/status.hpp"
 #include "master/sync_election.hpp"
 #include "wire/messages.hpp"
@@ -34,7 +37,9 @@ public:
 
 class MasterState {
 public:
-    MasterState(Outbox& outbox, std::chrono::milliseconds peer_timeout);
+    // probe_duration: how long each directed pair streams during optimize_topology().
+    MasterState(Outbox& outbox, std::chrono::milliseconds peer_timeout,
+                std::chrono::milliseconds probe_duration = limits::kBandwidthProbeDuration);
 
     void on_connect(ConnId conn, const wire::IpAddress& remote_ip, Clock::time_point now);
     void on_message(ConnId conn, wire::Message&& m, Clock::time_point now);
@@ -63,6 +68,7 @@ private:
         uint16_t p2p_port = 0;
         PeerState state = PeerState::PENDING;
         bool voted_update = false;
+        bool wants_optimize = false;  // its update vote came from optimize_topology()
         bool voted_pending = false;
         uint64_t confirmed_epoch = 0;
         size_t ops_in_flight = 0;
@@ -102,6 +108,33 @@ private:
         std::map<PeerId, std::map<PeerId, std::vector<wire::SyncRange>>> assigned;  // distributor -> receiver
         std::map<uint32_t, uint64_t> pinned;
     };
+
+    // Topology optimisation: rounds of bandwidth probes between peers of a group, then the widest
+    // ring per group. Measured rates are cached per pair of hosts (addresses), so a peer that
+    // rejoins from a known host is placed without measuring, and only unknown pairs are probed.
+    using HostKey = std::array<uint8_t, 17>;
+    struct Measured {
+        double bits_per_second = 0;
+        Clock::time_point at{};
+    };
+    struct Optimization {
+        bool active = false;
+        std::vector<std::vector<std::pair<PeerId, PeerId>>> rounds;
+        size_t round = 0;
+        std::map<uint64_t, std::pair<PeerId, PeerId>> outstanding;  // probe id -> (sender, receiver)
+        std::set<std::pair<PeerId, PeerId>> failed;                 // unreachable this time: avoided, not cached
+    };
+    static HostKey host_key(const wire::IpAddress& ip);
+    void on_vote_optimize(Peer& p);
+    bool may_vote_update(Peer& p, const char* call);
+    void complete_update_votes();
+    void start_optimization(Clock::time_point now);
+    void run_probe_round();
+    void on_bandwidth_report(Peer& p, const wire::BandwidthReport& m, Clock::time_point now);
+    void optimization_peer_gone(PeerId id);
+    void finish_optimization();
+    BandwidthMatrix bandwidth_matrix(const std::vector<PeerId>& members) const;
+    void insert_newcomer(PeerId id);
 
     void handle_hello(ConnId conn, Conn& c, const wire::Hello& m, Clock::time_point now);
     void handle_peer_message(Peer& p, wire::Message&& m, Clock::time_point now);
@@ -151,6 +184,11 @@ private:
     uint64_t next_op_uid_ = 1;
     uint64_t epoch_ = 0;
     bool round_active_ = false;
+    std::chrono::milliseconds probe_duration_;
+    Optimization optimize_;
+    bool optimize_after_round_ = false;  // an optimize vote admitted newcomers first
+    uint64_t next_probe_id_ = 1;
+    std::map<std::pair<HostKey, HostKey>, Measured> bandwidth_;
     Clock::time_point last_heartbeat_sent_{};
 
     // For the status page only: nothing below feeds back into a decision.

@@ -144,6 +144,7 @@ std::string render_status_json(const StatusSnapshot& s) {
     j.key("peer_timeout_ms").u64(s.peer_timeout_ms);
     j.key("epoch").u64(s.epoch);
     j.key("topology_round_active").boolean(s.topology_round_active);
+    j.key("topology_optimizing").boolean(s.topology_optimizing);
     j.key("world_size").u64(s.world_size);
     j.key("peer_count").u64(s.peer_count);
     j.key("connection_count").u64(s.connection_count);
@@ -231,6 +232,8 @@ std::string render_status_json(const StatusSnapshot& s) {
     j.key("syncs_completed").u64(c.syncs_completed);
     j.key("syncs_failed").u64(c.syncs_failed);
     j.key("sync_bytes_planned").u64(c.sync_bytes_planned);
+    j.key("topology_optimizations").u64(c.topology_optimizations);
+    j.key("topology_reorders").u64(c.topology_reorders);
     j.end_object();
 
     j.key("last_op_failure");
@@ -262,6 +265,17 @@ std::string render_status_json(const StatusSnapshot& s) {
     }
     j.end_array();
     j.key("dropped_limit").u64(limits::kMaxDroppedPeersRemembered);
+
+    j.key("links").begin_array();
+    for (const auto& l : s.links) {
+        j.begin_object();
+        j.key("from").str(l.from);
+        j.key("to").str(l.to);
+        j.key("bits_per_second").u64(static_cast<uint64_t>(l.bits_per_second));
+        j.key("age_s").seconds(l.age_s);
+        j.end_object();
+    }
+    j.end_array();
     j.end_object();
     return out;
 }

@@ -94,6 +94,16 @@ struct StatusCounters {
     uint64_t syncs_completed = 0;
     uint64_t syncs_failed = 0;
     uint64_t sync_bytes_planned = 0;  // bytes the plans told stale peers to receive
+    uint64_t topology_optimizations = 0;  // optimize_topology() rounds started
+    uint64_t topology_reorders = 0;       // ... of which changed some group's ring
+};
+
+// A measured host-to-host rate from the optimize_topology() cache.
+struct StatusLink {
+    std::string from;  // host addresses (no ports: the cache is per pair of hosts)
+    std::string to;
+    double bits_per_second = 0;
+    double age_s = 0;
 };
 
 struct StatusLastFailure {
@@ -111,6 +121,7 @@ struct StatusSnapshot {
     uint64_t peer_timeout_ms = 0;
     uint64_t epoch = 0;
     bool topology_round_active = false;
+    bool topology_optimizing = false;  // bandwidth probes of optimize_topology() under way
     uint64_t world_size = 0;  // accepted peers of every group
     uint64_t peer_count = 0;  // registered peers, pending included
     uint64_t connection_count = 0;
@@ -121,6 +132,7 @@ struct StatusSnapshot {
     StatusCounters counters;
     std::optional<StatusLastFailure> last_op_failure;
     std::vector<StatusDropped> dropped;  // newest first, at most limits::kMaxDroppedPeersRemembered
+    std::vector<StatusLink> links;       // cut at limits::kMaxStatusLinksListed
 };
 
 std::string render_status_json(const StatusSnapshot& s);

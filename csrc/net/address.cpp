@@ -19,16 +19,16 @@ void Endpoint::set_port(uint16_t port) {
     if (family() == AF_INET6) reinterpret_cast<sockaddr_in6&>(storage).sin6_port = htons(port);
 }
 
-std::string Endpoint::to_string() const {
+std::string Endpoint::host_string() const {
     char host[INET6_ADDRSTRLEN] = "?";
-    if (family() == AF_INET) {
-        inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in&>(storage).sin_addr, host, sizeof(host));
-        return std::string(host) + ":" + std::to_string(port());
-    }
-    if (family() == AF_INET6) {
-        inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6&>(storage).sin6_addr, host, sizeof(host));
-        return "[" + std::string(host) + "]:" + std::to_string(port());
-    }
+    if (family() == AF_INET) inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in&>(storage).sin_addr, host, sizeof(host));
+    else if (family() == AF_INET6) inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6&>(storage).sin6_addr, host, sizeof(host));
+    return host;
+}
+
+std::string Endpoint::to_string() const {
+    if (family() == AF_INET) return host_string() + ":" + std::to_string(port());
+    if (family() == AF_INET6) return "[" + host_string() + "]:" + std::to_string(port());
     return "?";
 }
 

@@ -20,6 +20,7 @@ struct Endpoint {
     uint16_t port() const;
     void set_port(uint16_t port);
     std::string to_string() const;
+    std::string host_string() const;  // the address alone: "10.0.0.1", "::1"
     wire::IpAddress ip() const;
     static Endpoint from(const wire::IpAddress& ip, uint16_t port);
 };

@@ -4,6 +4,9 @@
 //   P2P_HELLO:     a = sender peer id, b = receiver peer id, aux = connection index (no payload)
 //   P2P_HELLO_ACK: echoes the hello
 //   SYNC_DATA:     a = sync uid, b = byte offset in the entry, aux = entry index, length = payload
+//   PROBE_HELLO:   a = sender peer id, b = receiver peer id, aux = connection index (no payload); then
+//                  raw bytes until the sender shuts its side, answered by the receiver with a
+//                  ProbeReceipt (bytes and nanoseconds of the measured window) and closed
 #pragma once
 
 #include <cstdint>
@@ -14,7 +17,7 @@ namespace pccl::wire {
 
 inline constexpr size_t kDataHeaderBytes = 32;
 
-enum class DataFrameKind : uint8_t { P2P_HELLO = 1, P2P_HELLO_ACK = 2, DATA = 3, SYNC_DATA = 4 };
+enum class DataFrameKind : uint8_t { P2P_HELLO = 1, P2P_HELLO_ACK = 2, DATA = 3, SYNC_DATA = 4, PROBE_HELLO = 5 };
 enum class RingPhase : uint8_t { REDUCE_SCATTER = 0, ALL_GATHER = 1 };
 
 struct DataHeader {
@@ -56,7 +59,7 @@ inline DataHeader decode_data_header(const uint8_t* in) {
 
 inline bool header_is_sane(const DataHeader& h) {
     return h.magic == limits::kDataMagic && h.version == limits::kProtocolVersion &&
-           h.kind >= static_cast<uint8_t>(DataFrameKind::P2P_HELLO) && h.kind <= static_cast<uint8_t>(DataFrameKind::SYNC_DATA) &&
+           h.kind >= static_cast<uint8_t>(DataFrameKind::P2P_HELLO) && h.kind <= static_cast<uint8_t>(DataFrameKind::PROBE_HELLO) &&
            h.length <= limits::kMaxDataPieceBytes &&
            (h.kind == static_cast<uint8_t>(DataFrameKind::DATA)        ? h.phase <= 1
             : h.kind == static_cast<uint8_t>(DataFrameKind::SYNC_DATA) ? h.length > 0

@@ -102,6 +102,11 @@ void encode_payload(const Message& m, Writer& w) {
                    [&](const SyncDone& x) {
                        w.u64(x.sync_uid); w.u8(x.result); w.string(bounded(x.message)); w.u64(x.revision);
                    },
+                   [&](const VoteOptimizeTopology&) {},
+                   [&](const BandwidthProbe& x) { w.u64(x.probe_id); put_peer(w, x.target); w.u32(x.duration_ms); },
+                   [&](const BandwidthReport& x) {
+                       w.u64(x.probe_id); w.u64(x.target); w.u64(x.bits_per_second); w.u8(x.ok); w.string(bounded(x.reason));
+                   },
                },
                m);
 }
@@ -115,6 +120,7 @@ MsgType type_of(const Message& m) {
         MsgType::WELCOME, MsgType::TOPOLOGY, MsgType::TOPOLOGY_COMPLETE, MsgType::PEERS_PENDING_ANSWER,
         MsgType::OP_GO,   MsgType::OP_RESULT, MsgType::KICKED, MsgType::MASTER_HEARTBEAT,
         MsgType::SYNC_VOTE, MsgType::SYNC_RESULT, MsgType::SYNC_PLAN, MsgType::SYNC_SEND_MORE, MsgType::SYNC_DONE,
+        MsgType::VOTE_OPTIMIZE_TOPOLOGY, MsgType::BANDWIDTH_PROBE, MsgType::BANDWIDTH_REPORT,
     };
     static_assert(std::size(kTypes) == std::variant_size_v<Message>);
     return kTypes[m.index()];
@@ -143,6 +149,9 @@ const char* type_name(MsgType t) {
         case MsgType::SYNC_PLAN: return "SYNC_PLAN";
         case MsgType::SYNC_SEND_MORE: return "SYNC_SEND_MORE";
         case MsgType::SYNC_DONE: return "SYNC_DONE";
+        case MsgType::VOTE_OPTIMIZE_TOPOLOGY: return "VOTE_OPTIMIZE_TOPOLOGY";
+        case MsgType::BANDWIDTH_PROBE: return "BANDWIDTH_PROBE";
+        case MsgType::BANDWIDTH_REPORT: return "BANDWIDTH_REPORT";
     }
     return "UNKNOWN";
 }
@@ -248,6 +257,20 @@ std::optional<Message> decode_payload(uint16_t type, std::span<const uint8_t> pa
         case MsgType::SYNC_DONE: {
             SyncDone x;
             x.sync_uid = r.u64(); x.result = r.u8(); x.message = r.string(limits::kMaxWireStringBytes); x.revision = r.u64();
+            m = std::move(x);
+            break;
+        }
+        case MsgType::VOTE_OPTIMIZE_TOPOLOGY: m = VoteOptimizeTopology{}; break;
+        case MsgType::BANDWIDTH_PROBE: {
+            BandwidthProbe x;
+            x.probe_id = r.u64(); x.target = get_peer(r); x.duration_ms = r.u32();
+            m = x;
+            break;
+        }
+        case MsgType::BANDWIDTH_REPORT: {
+            BandwidthReport x;
+            x.probe_id = r.u64(); x.target = r.u64(); x.bits_per_second = r.u64(); x.ok = r.u8();
+            x.reason = r.string(limits::kMaxWireStringBytes);
             m = std::move(x);
             break;
         }

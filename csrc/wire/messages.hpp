@@ -42,6 +42,11 @@ enum class MsgType : uint16_t {
     SYNC_PLAN = 110,
     SYNC_SEND_MORE = 111,
     SYNC_DONE = 112,
+    // topology optimisation, peer -> master
+    VOTE_OPTIMIZE_TOPOLOGY = 200,
+    BANDWIDTH_REPORT = 201,
+    // topology optimisation, master -> peer
+    BANDWIDTH_PROBE = 210,
 };
 
 using Hash128 = std::array<uint8_t, 16>;
@@ -138,9 +143,23 @@ struct SyncPlan {
 struct SyncSendMore { uint64_t sync_uid = 0; std::vector<SyncRange> send; };
 struct SyncDone { uint64_t sync_uid = 0; uint8_t result = 0; std::string message; uint64_t revision = 0; };
 
+// optimize_topology(): an update_topology vote that also asks for a bandwidth-aware ring.
+struct VoteOptimizeTopology {};
+// Master -> peer: stream to `target` for `duration_ms` over as many connections as this peer's
+// pool holds, and report the rate that arrived.
+struct BandwidthProbe { uint64_t probe_id = 0; PeerEntry target; uint32_t duration_ms = 0; };
+struct BandwidthReport {
+    uint64_t probe_id = 0;
+    uint64_t target = 0;
+    uint64_t bits_per_second = 0;  // 0 with ok = 0: the target could not be reached
+    uint8_t ok = 0;
+    std::string reason;
+};
+
 using Message = std::variant<Hello, Heartbeat, VoteUpdateTopology, P2PReady, VotePeersPending, OpBegin, OpEnd,
                              Goodbye, Welcome, Topology, TopologyComplete, PeersPendingAnswer, OpGo, OpResult,
-                             Kicked, MasterHeartbeat, SyncVote, SyncResult, SyncPlan, SyncSendMore, SyncDone>;
+                             Kicked, MasterHeartbeat, SyncVote, SyncResult, SyncPlan, SyncSendMore, SyncDone,
+                             VoteOptimizeTopology, BandwidthProbe, BandwidthReport>;
 
 MsgType type_of(const Message& m);
 const char* type_name(MsgType t);
