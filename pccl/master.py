@@ -285,7 +285,8 @@ def render_status_html(s: dict[str, Any]) -> str:
         "text-align:left}th{background:#eee}</style></head><body>",
         f"<h1>pccl master on port {int(s['port'])}</h1>",
         f"<p>world size {int(s['world_size'])} (accepted peers of every group), {int(s['peer_count'])} peers "
-        f"registered, epoch {int(s['epoch'])}{' (topology round in progress)' if s['topology_round_active'] else ''}, "
+        f"registered, epoch {int(s['epoch'])}{' (topology round in progress)' if s['topology_round_active'] else ''}"
+        f"{' (measuring bandwidth for optimize_topology)' if s.get('topology_optimizing') else ''}, "
         f"peer timeout {int(s['peer_timeout_ms'])} ms, up {float(s['uptime_s']):.0f} s, "
         f"protocol {int(s['protocol_version'])}</p>",
         "<h2>Groups</h2>",
@@ -322,6 +323,10 @@ def render_status_html(s: dict[str, Any]) -> str:
     parts.append(_table(["id", "group", "address", "was", "cause", "reason", "seconds ago"],
                         [[d["id"], d["group"], d["address"], d["state"], d["cause"], d["reason"],
                           f"{d['seconds_ago']:.1f}"] for d in s["dropped"]]))
+    parts.append("<h2>Measured links (optimize_topology)</h2>")
+    parts.append(_table(["from host", "to host", "Mbit/s", "measured (s ago)"],
+                        [[l["from"], l["to"], f"{l['bits_per_second'] / 1e6:.0f}", f"{l['age_s']:.0f}"]
+                         for l in s.get("links", [])]))
     parts.append("<p><a href='/status.json'>status.json</a></p></body></html>")
     return "".join(parts)
 

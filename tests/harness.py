@@ -118,7 +118,8 @@ class Cluster:
     """A master and its peers for one test; `with Cluster() as c:` kills everything on the way out."""
 
     def __init__(self, peer_timeout_s: float | None = None, listen: str = "127.0.0.1:0",
-                 prefix: list[str] | None = None, status_port: int | None = None) -> None:
+                 prefix: list[str] | None = None, status_port: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.procs: list[Proc] = []
         self.prefix = list(prefix or [])  # e.g. ["ip", "netns", "exec", NAME]: run everything there
         argv = self.prefix + [sys.executable, "-m", "pccl.master", "--listen-address", listen]
@@ -126,7 +127,7 @@ class Cluster:
             argv += ["--peer-timeout", str(peer_timeout_s)]
         if status_port is not None:
             argv += ["--status-port", str(status_port)]
-        self.master = self._track(Proc(argv, "master"))
+        self.master = self._track(Proc(argv, "master", env))
         self.port = self._read_port()
         host = listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
@@ -158,10 +159,12 @@ class Cluster:
         raise AssertionError(f"master did not report its {what}")
 
     def peer(self, scenario: str, name: str | None = None, env: dict[str, str] | None = None,
-             program: Path = PEER_MAIN, **args: Any) -> Proc:
+             program: Path = PEER_MAIN, prefix: list[str] | None = None, **args: Any) -> Proc:
+        """A peer process; `prefix` (e.g. another namespace's `ip netns exec`) replaces the cluster's."""
         spec = {"scenario": scenario, "master": args.pop("master", self.address), **args}
         label = name or f"peer[{scenario}:{args.get('index', len(self.procs))}]"
-        return self._track(Proc(self.prefix + [sys.executable, str(program), json.dumps(spec)], label, env))
+        prefix = self.prefix if prefix is None else prefix
+        return self._track(Proc(prefix + [sys.executable, str(program), json.dumps(spec)], label, env))
 
     def master_alive(self) -> bool:
         return self.master.alive

@@ -580,6 +580,7 @@ def scenario_cuda(spec: dict[str, Any]) -> None:
 def scenario_optimize(spec: dict[str, Any]) -> None:
     """Joins, times an all-reduce, calls optimize_topology(), times it again on the new ring."""
     comm = connect(spec)
+    emit(event="connected")
     join(comm, spec["world"])
     x = np.full(spec.get("count", 1 << 16), spec["index"] + 1, dtype=np.float32)
 

@@ -109,5 +109,8 @@ def test_optimize_topology_end_to_end_on_loopback(cluster, pool):
     # Every peer is on 127.0.0.1: one pair of hosts, measured once and cached for the second call.
     assert [(l["from"], l["to"]) for l in s["links"]] == [("127.0.0.1", "127.0.0.1")]
     assert s["links"][0]["bits_per_second"] > 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{c.status_port}/", timeout=10) as r:
+        page = r.read().decode()
+    assert "Measured links" in page and "<td>127.0.0.1</td>" in page
     for p in peers:
         p.finish(timeout=30)
