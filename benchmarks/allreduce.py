@@ -277,7 +277,7 @@ def main() -> int:
     ap.add_argument("--world", type=int, nargs="+", default=[2, 3, 4], help="peer counts (each >= 2)")
     ap.add_argument("--sizes", type=parse_size, nargs="+", default=[parse_size(s) for s in DEFAULT_SIZES],
                     help="tensor sizes in bytes, or with a KiB/MiB/GiB suffix")
-    ap.add_argument("--pool", type=int, default=1, help="pccl p2p_connection_pool_size (1, the default, suits loopback)")
+    ap.add_argument("--pool", type=int, default=1, help="pccl p2p_connection_pool_size (default 1, as in the README table; 0: the library default, 16)")
     ap.add_argument("--reps", type=int, help="timed repetitions per size (default 20 <= 1 MiB, 10 <= 16 MiB, else 5)")
     ap.add_argument("--rounds", type=int, default=3, help="alternate pccl and gloo this many times (median)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per world size and library")

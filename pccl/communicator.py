@@ -92,8 +92,9 @@ class AsyncReduceHandle:
 class Communicator:
     """One peer's membership in a peer group: connect, then all-reduce with the other members.
 
-    ``p2p_connection_pool_size`` is the number of TCP connections to the ring's next peer (0 means 1);
-    one operation's bytes are striped over all of them. How long a silent peer is tolerated is the
+    ``p2p_connection_pool_size`` is the number of TCP connections to the ring's next peer (0: the
+    default, 16); one operation's bytes are striped over all of them, which is what fills a long
+    path whose every TCP flow is capped (see the README's WAN figures; on loopback 16 costs nothing). How long a silent peer is tolerated is the
     master's setting (``MasterNode(..., peer_timeout_s=...)``), so every peer of a run agrees on it.
     """
 
@@ -101,7 +102,7 @@ class Communicator:
         if not isinstance(address, str):
             raise TypeError(f"address must be a str like 'host:port', not {type(address).__name__}")
         _check_int("peer_group", peer_group, 0, 1 << 32)
-        pool = _check_int("p2p_connection_pool_size", p2p_connection_pool_size, 0, 1 << 16) or 1
+        pool = _check_int("p2p_connection_pool_size", p2p_connection_pool_size, 0, 1 << 16)  # 0: the core's default
         self._core = _core.Communicator(address, peer_group, pool)
         self._address = address
         self._peer_group = peer_group

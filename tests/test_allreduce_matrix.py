@@ -37,3 +37,16 @@ def test_matrix(cluster, world, pool):
     for case, (tx, rx) in traffic.items():
         nonzero = not case.split("/")[2] == "0"
         assert tx == rx and (tx > 0) == nonzero, f"{case}: peers sent {tx} bytes in all and received {rx}"
+
+
+def test_peers_with_different_pool_sizes_cut_ops_the_same_way(cluster):
+    """The piece size is a function of the op, not of the pool: peers with pools 1, 8 and 3 agree on
+    how a 6 MiB op (2 MiB chunks, cut differently per pool before) is split, and finish it exactly."""
+    c = cluster()
+    peers = [c.peer("optimize", index=i, world=3, pool=pool, count=3 * (1 << 19), optimize_calls=0)
+             for i, pool in enumerate([1, 8, 3])]
+    events = [p.wait_event(lambda e: e.get("event") == "after", timeout=60) for p in peers]
+    assert all(e["value"] == 6.0 and e["uniform"] for e in events), events
+    assert len({e["digest"] for e in events}) == 1
+    for p in peers:
+        p.finish(timeout=30)

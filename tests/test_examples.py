@@ -20,10 +20,10 @@ EXAMPLES = REPO / "examples"
 TIMEOUT_S = 120
 
 
-def run_example(script: str) -> str:
+def run_example(script: str, *extra: str) -> str:
     """Run `examples/<script> --smoke`; fail on a timeout or a non-zero exit; return its stdout."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), "--smoke"], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), "--smoke", *extra], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
@@ -76,3 +76,18 @@ def test_fsdp_diloco():
     assert_check_passed(out, "rank 0 (")
     assert_check_passed(out, "rank 1 (")
     assert "parity equal" in out, out
+
+
+def test_wan_bandwidth(tmp_path):
+    pytest.importorskip("tqdm", reason="the examples need the examples extra")
+    pytest.importorskip("matplotlib", reason="the examples need the examples extra")
+    from pccl.testing.wan import emulator_available
+    available, why = emulator_available()
+    if not available:
+        pytest.skip(f"WAN emulator unavailable: {why}")
+    plot = tmp_path / "wan.png"
+    out = run_example("wan_bandwidth.py", "--gloo", "--plot", str(plot))
+    assert_check_passed(out, "same bits")
+    rows = [line.split() for line in out.splitlines() if line.startswith(("pccl ", "gloo "))]
+    assert len(rows) == 2 * 2 * 2 + 2, out  # pools x tensors x wire formats, and gloo per layout
+    assert plot.stat().st_size > 10_000

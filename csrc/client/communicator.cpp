@@ -11,7 +11,7 @@ namespace pccl::client {
 
 Communicator::Communicator(std::string master_address, uint32_t peer_group, size_t pool_size)
     : master_address_(std::move(master_address)), peer_group_(peer_group),
-      pool_size_(pool_size == 0 ? 1 : pool_size), scratch_(std::make_shared<ScratchPool>()) {}
+      pool_size_(pool_size == 0 ? limits::kDefaultPoolSize : pool_size), scratch_(std::make_shared<ScratchPool>()) {}
 
 Communicator::~Communicator() { close(); }
 

@@ -592,7 +592,7 @@ void DataPlane::expect_sync_ranges(uint64_t uid, const std::vector<wire::SyncRan
             continue;  // the master never plans this; bounds are checked regardless
         SyncRangeState rs;
         rs.range = r;
-        rs.missing = (r.length + limits::kMaxPieceBytes - 1) / limits::kMaxPieceBytes;
+        rs.missing = (r.length + limits::kSyncFrameBytes - 1) / limits::kSyncFrameBytes;
         rs.got.assign(rs.missing, 0);
         s.missing_frames += rs.missing;
         s.ranges_of_entry[r.entry].push_back(s.ranges.size());
@@ -615,7 +615,7 @@ void DataPlane::send_sync_ranges(uint64_t uid, const std::vector<wire::SyncRange
         ensure_pool(r.peer, nullptr);
         auto pit = pools_.find(r.peer);
         if (pit == pools_.end() || pit->second.conns.empty()) continue;  // unknown peer: the master will notice
-        for (uint64_t rel = 0; rel < r.length; rel += limits::kMaxPieceBytes) {
+        for (uint64_t rel = 0; rel < r.length; rel += limits::kSyncFrameBytes) {
             OutConn* best = nullptr;
             for (uint64_t id : pit->second.conns) {
                 OutConn* c = out_.at(id).get();
@@ -624,7 +624,7 @@ void DataPlane::send_sync_ranges(uint64_t uid, const std::vector<wire::SyncRange
             SendItem item;
             wire::DataHeader h;
             h.kind = static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA);
-            h.length = static_cast<uint32_t>(std::min<uint64_t>(limits::kMaxPieceBytes, r.length - rel));
+            h.length = static_cast<uint32_t>(std::min<uint64_t>(limits::kSyncFrameBytes, r.length - rel));
             h.a = uid;
             h.b = r.offset + rel;
             h.aux = r.entry;
@@ -678,13 +678,13 @@ bool DataPlane::route_sync_header(InConn& c) {
                 const auto& range = s.ranges[r].range;
                 if (offset < range.offset || offset >= range.offset + range.length) continue;
                 const uint64_t rel = offset - range.offset;
-                if (rel % limits::kMaxPieceBytes != 0 ||
-                    c.h.length != std::min<uint64_t>(limits::kMaxPieceBytes, range.length - rel))
+                if (rel % limits::kSyncFrameBytes != 0 ||
+                    c.h.length != std::min<uint64_t>(limits::kSyncFrameBytes, range.length - rel))
                     break;
                 c.dest = s.entries[entry].data + offset;
                 c.remaining = c.h.length;
                 c.sync_range = r;
-                c.sync_frame = rel / limits::kMaxPieceBytes;
+                c.sync_frame = rel / limits::kSyncFrameBytes;
                 c.state = InState::PAYLOAD;
                 return true;
             }

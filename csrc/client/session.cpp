@@ -380,7 +380,7 @@ void Session::on_go(const wire::OpGo& go) {
     p.op = h->request.op;
     p.world = go.world;
     p.rank = go.rank;
-    p.piece_elems = ring::RingAllReduce::choose_piece_elems(p.count, p.world, element_size(p.dtype), pool_size_);
+    p.piece_elems = ring::RingAllReduce::choose_piece_elems(p.count, p.world, element_size(p.dtype));
     if (h->request.quant_algorithm != QuantizationAlgorithm::NONE)
         p.quant = kernels::quant::Format{p.dtype, h->request.quant_dtype, h->request.quant_algorithm};
     h->ring = std::make_unique<ring::RingAllReduce>(p);

@@ -73,7 +73,7 @@ public:
     bool complete() const { return pieces_left_ == 0 && sends_outstanding_ == 0; }
     size_t element_bytes() const { return elem_; }
 
-    static uint64_t choose_piece_elems(uint64_t count, uint32_t world, size_t elem, size_t pool_size);
+    static uint64_t choose_piece_elems(uint64_t count, uint32_t world, size_t elem);
 
 private:
     uint32_t chunk_owned_by_next() const { return (p_.rank + 2) % p_.world; }
