@@ -169,7 +169,7 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<PyCommunicator>(m, "Communicator")
         .def(py::init<std::string, uint32_t, size_t>(), py::arg("master_address"), py::arg("peer_group") = 0,
-             py::arg("pool_size") = 1)
+             py::arg("pool_size") = 0)  // 0: limits::kDefaultPoolSize
         .def("connect", &PyCommunicator::connect, py::arg("n_attempts"))
         .def("update_topology", &PyCommunicator::update_topology)
         .def("optimize_topology", &PyCommunicator::optimize_topology)

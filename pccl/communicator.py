@@ -130,7 +130,8 @@ class Communicator:
         The master has every pair of peers not measured yet stream to each other briefly (pairs
         whose links are independent at once; rates cached per pair of hosts), then adopts the ring
         order whose slowest link is fastest. Every accepted peer calls it; with collectives in
-        flight it raises ``PENDING_ASYNC_OPS``.
+        flight it raises ``PENDING_ASYNC_OPS``. When another peer calls ``update_topology`` at the
+        same point instead, everyone gets a plain update (the ring is not reordered this time).
         """
         code, message = self._core.optimize_topology()
         PCCLError.check(code, "optimize_topology", message)

@@ -78,6 +78,11 @@ def test_newcomer_goes_where_its_links_are_fast():
     assert rs.best_insertion(bw, [0, 1, 2], 3) == 2  # ... so it goes right before 2
     blind = [[FAST, FAST, FAST, unknown], [FAST, FAST, FAST, unknown], [FAST, FAST, FAST, unknown], [unknown] * 4]
     assert rs.best_insertion(blind, [0, 1, 2], 3) == 3  # nothing known: appended
+    # Measured: 0 <-> 3 and 3 -> 1, and a slow 1 -> 2. Between 1 and 2 the slow link would go, but
+    # the newcomer's links there are unmeasured: it goes between 0 and 1, where both are known.
+    half = [[FAST, FAST, FAST, FAST], [FAST, FAST, SLOW, unknown], [FAST, FAST, FAST, unknown],
+            [FAST, FAST, unknown, unknown]]
+    assert rs.best_insertion(half, [0, 1, 2], 3) == 1
 
 
 def test_probe_rounds_cover_each_pair_once_without_sharing_a_sender_or_receiver():

@@ -6,6 +6,8 @@
 
 #include <poll.h>
 #include <sys/epoll.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include "common/limits.hpp"
@@ -50,32 +52,62 @@ bool write_all(int fd, const uint8_t* data, size_t n, Clock::time_point deadline
     return true;
 }
 
+// Unsent bytes a probe socket may hold: small, so that the stream ends soon after the sender
+// stops even on a slow link with a large pool (the receipt waits for everything to arrive).
+constexpr int kProbeNotSentLowWatermark = 16 * 1024;
+
+void reset_on_close(int fd) {
+    linger l{1, 0};  // a failed probe's leftovers must not trickle into the next measurement
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+}
+
 }  // namespace
 
 ProbeOutcome run_bandwidth_probe(const net::Endpoint& target, uint64_t me, uint64_t target_id, size_t connections,
                                  std::chrono::milliseconds duration, const std::atomic<bool>& stop) {
-    auto fail = [&](const std::string& why) { return ProbeOutcome{false, 0, why + " (" + target.to_string() + ")"}; };
     std::vector<net::Fd> fds;
-    const auto handshake_deadline = Clock::now() + limits::kP2PHandshakeDeadline;
+    auto fail = [&](const std::string& why) {
+        for (auto& fd : fds) reset_on_close(fd.get());
+        return ProbeOutcome{false, 0, why + " (" + target.to_string() + ")"};
+    };
+    // Connect all at once, without blocking past a stop request.
+    std::vector<pollfd> polls(connections);
     for (size_t k = 0; k < connections; ++k) {
         net::Fd fd;
-        const Status s = net::connect_with_timeout(target, static_cast<int>(limits::kP2PHandshakeDeadline.count()), fd);
+        bool in_progress = false;
+        const Status s = net::start_connect(target, fd, in_progress);
         if (!s.is_ok()) return fail("cannot connect: " + s.message);
-        net::tune_data_socket(fd.get());
-        wire::DataHeader h;
-        h.kind = static_cast<uint8_t>(wire::DataFrameKind::PROBE_HELLO);
-        h.a = me;
-        h.b = target_id;
-        h.aux = static_cast<uint32_t>(k);
-        uint8_t hello[wire::kDataHeaderBytes];
-        wire::encode_data_header(h, hello);
-        if (!write_all(fd.get(), hello, sizeof(hello), handshake_deadline)) return fail("cannot send the probe hello");
         fds.push_back(std::move(fd));
+    }
+    const auto handshake_deadline = Clock::now() + limits::kP2PHandshakeDeadline;
+    std::vector<bool> connected(connections, false);
+    for (size_t done = 0; done < connections;) {
+        if (stop.load()) return fail("the session closed");
+        if (Clock::now() >= handshake_deadline) return fail("connecting timed out");
+        for (size_t k = 0; k < connections; ++k) polls[k] = pollfd{fds[k].get(), connected[k] ? short(0) : short(POLLOUT), 0};
+        if (::poll(polls.data(), polls.size(), ms_until(handshake_deadline, limits::kCallerPollInterval)) < 0 && errno != EINTR)
+            return fail(std::string("poll: ") + std::strerror(errno));
+        for (size_t k = 0; k < connections; ++k) {
+            if (connected[k] || !(polls[k].revents & (POLLOUT | POLLERR | POLLHUP))) continue;
+            if (const Status s = net::finish_connect(fds[k].get()); !s.is_ok()) return fail("cannot connect: " + s.message);
+            net::tune_data_socket(fds[k].get());
+            int lowat = kProbeNotSentLowWatermark;
+            setsockopt(fds[k].get(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat));
+            wire::DataHeader h;
+            h.kind = static_cast<uint8_t>(wire::DataFrameKind::PROBE_HELLO);
+            h.a = me;
+            h.b = target_id;
+            h.aux = static_cast<uint32_t>(k);
+            uint8_t hello[wire::kDataHeaderBytes];
+            wire::encode_data_header(h, hello);
+            if (!write_all(fds[k].get(), hello, sizeof(hello), handshake_deadline)) return fail("cannot send the probe hello");
+            connected[k] = true;
+            ++done;
+        }
     }
 
     // Stream: the content does not matter, only how fast it leaves.
     static const std::vector<uint8_t> chunk(limits::kBandwidthProbeChunkBytes, 0);
-    std::vector<pollfd> polls(fds.size());
     const auto stream_end = Clock::now() + duration;
     while (Clock::now() < stream_end) {
         if (stop.load()) return fail("the session closed");
@@ -102,7 +134,8 @@ ProbeOutcome run_bandwidth_probe(const net::Endpoint& target, uint64_t me, uint6
         if (::poll(polls.data(), polls.size(), ms_until(receipt_deadline, limits::kCallerPollInterval)) < 0 && errno != EINTR)
             return fail(std::string("poll: ") + std::strerror(errno));
         for (size_t k = 0; k < fds.size(); ++k) {
-            if (!(polls[k].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+            // A finished connection still reports POLLHUP once the receiver closes it.
+            if (receipts[k].size() == kProbeReceiptBytes || !(polls[k].revents & (POLLIN | POLLHUP | POLLERR))) continue;
             uint8_t buf[kProbeReceiptBytes];
             const ssize_t r = ::recv(fds[k].get(), buf, kProbeReceiptBytes - receipts[k].size(), MSG_DONTWAIT);
             if (r == 0) return fail("the receiver closed without a receipt");
@@ -114,13 +147,14 @@ ProbeOutcome run_bandwidth_probe(const net::Endpoint& target, uint64_t me, uint6
             if (receipts[k].size() == kProbeReceiptBytes) ++complete;
         }
     }
-    double bits_per_second = 0;
+    // All connections' bytes over the longest of their windows: a connection whose window came out
+    // short (a stall, then one burst) cannot inflate the sum, only make it conservative.
+    uint64_t bytes = 0, nanos = 1;
     for (const auto& r : receipts) {
-        const uint64_t bytes = get_u64(r.data());
-        const uint64_t nanos = std::max<uint64_t>(get_u64(r.data() + 8), 1);
-        bits_per_second += static_cast<double>(bytes) * 8e9 / static_cast<double>(nanos);
+        bytes += get_u64(r.data());
+        nanos = std::max(nanos, get_u64(r.data() + 8));
     }
-    return ProbeOutcome{true, static_cast<uint64_t>(bits_per_second), ""};
+    return ProbeOutcome{true, static_cast<uint64_t>(static_cast<double>(bytes) * 8e9 / static_cast<double>(nanos)), ""};
 }
 
 // ---------------------------------------------------------------------------------- receiver
@@ -130,6 +164,7 @@ ProbeSink::ProbeSink(net::EventLoop& loop) : loop_(loop) {}
 ProbeSink::~ProbeSink() { close_all(); }
 
 void ProbeSink::adopt(net::Fd fd) {
+    if (conns_.size() >= limits::kMaxProbeConnections) return;  // fd closes: that sender's probe fails
     const uint64_t id = next_id_++;
     Conn& c = conns_[id];
     c.fd = std::move(fd);
@@ -142,17 +177,19 @@ void ProbeSink::on_io(uint64_t id) {
     if (it == conns_.end()) return;
     Conn& c = it->second;
     buffer_.resize(limits::kBandwidthProbeChunkBytes);
-    for (;;) {
+    // Bounded per wake-up, like the data plane's reads: a fast stream must not starve the reactor.
+    for (size_t budget = limits::kMaxProbeReadPerWakeup; budget > 0;) {
         const ssize_t r = ::recv(c.fd.get(), buffer_.data(), buffer_.size(), MSG_DONTWAIT);
         if (r > 0) {
             const auto now = Clock::now();
             if (c.bytes == 0) c.first = now;
+            c.bytes += static_cast<uint64_t>(r);
+            c.last = now;
             // One sample per millisecond at most: enough resolution for the window, bounded memory.
             if (c.samples.size() < limits::kMaxBandwidthProbeSamples &&
                 (c.samples.empty() || now - c.samples.back().first >= std::chrono::milliseconds(1)))
                 c.samples.emplace_back(now, c.bytes);
-            c.bytes += static_cast<uint64_t>(r);
-            c.last = now;
+            budget -= std::min(budget, static_cast<size_t>(r));
             continue;
         }
         if (r == 0) return finish(id);
@@ -164,16 +201,20 @@ void ProbeSink::on_io(uint64_t id) {
 
 void ProbeSink::finish(uint64_t id) {
     Conn& c = conns_.at(id);
-    // The second half of the arrival window: after slow start, before the stream ends.
+    // The second half of the arrival window: after slow start, before the stream ends. A sample is
+    // (time, bytes received by then), so the window counts only bytes that arrived after its start.
     uint64_t window_bytes = c.bytes;
     auto window_start = c.first;
-    const auto middle = c.first + (c.last - c.first) / 2;
-    for (const auto& [t, before] : c.samples) {
-        if (t >= middle) {
-            window_bytes = c.bytes - before;
+    const auto span = c.last - c.first;
+    for (const auto& [t, by_then] : c.samples) {
+        if (t < c.first + span / 2) continue;
+        // A window squeezed into the stream's last moments (a stall, then a burst) says nothing:
+        // keep the whole span then.
+        if (c.last - t >= span / 4) {
+            window_bytes = c.bytes - by_then;
             window_start = t;
-            break;
         }
+        break;
     }
     const auto nanos = std::chrono::duration_cast<std::chrono::nanoseconds>(c.last - window_start).count();
     uint8_t receipt[kProbeReceiptBytes];

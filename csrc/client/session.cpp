@@ -571,17 +571,20 @@ void Session::finish_sync(Status status, uint64_t revision) {
 // Runs while the reactor goes on (heartbeats, the master's messages); the caller of
 // optimize_topology() is blocked meanwhile, so no collective competes with the stream.
 void Session::on_bandwidth_probe(const wire::BandwidthProbe& probe) {
-    stop_probe();  // a previous probe has reported already; join its thread
-    probe_stop_.store(false);
+    if (probe_stop_) probe_stop_->store(true);
+    if (probe_thread_.joinable()) stopped_probe_threads_.push_back(std::move(probe_thread_));
+    auto stop = std::make_shared<std::atomic<bool>>(false);
+    probe_stop_ = stop;
     const net::Endpoint target = net::Endpoint::from(probe.target.ip, probe.target.p2p_port);
     const uint64_t me = my_id_.load();
     const size_t connections = data_plane_.pool_size();
     const auto duration = std::chrono::milliseconds(
         std::clamp<uint32_t>(probe.duration_ms, limits::kMinBandwidthProbeDuration.count(), limits::kMaxBandwidthProbeDuration.count()));
-    probe_thread_ = std::thread([this, probe, target, me, connections, duration] {
-        const ProbeOutcome r = run_bandwidth_probe(target, me, probe.target.peer_id, connections, duration, probe_stop_);
+    probe_thread_ = std::thread([this, probe, target, me, connections, duration, stop] {
+        const ProbeOutcome r = run_bandwidth_probe(target, me, probe.target.peer_id, connections, duration, *stop);
         PCCL_LOG(INFO, "peer ", me, ": bandwidth to peer ", probe.target.peer_id, ": ",
                  r.ok ? std::to_string(r.bits_per_second / 1000000) + " Mbit/s" : "failed: " + r.reason);
+        if (stop->load()) return;  // superseded or the session is over: nobody waits for this report
         post([this, probe, r] {
             send_master(wire::BandwidthReport{probe.probe_id, probe.target.peer_id, r.bits_per_second, uint8_t(r.ok ? 1 : 0), r.reason});
         });
@@ -589,8 +592,11 @@ void Session::on_bandwidth_probe(const wire::BandwidthProbe& probe) {
 }
 
 void Session::stop_probe() {
-    probe_stop_.store(true);
-    if (probe_thread_.joinable() && probe_thread_.get_id() != std::this_thread::get_id()) probe_thread_.join();
+    if (probe_stop_) probe_stop_->store(true);
+    if (probe_thread_.joinable()) stopped_probe_threads_.push_back(std::move(probe_thread_));
+    for (auto& t : stopped_probe_threads_)
+        if (t.get_id() != std::this_thread::get_id()) t.join();
+    stopped_probe_threads_.clear();
 }
 
 void Session::tick() {
@@ -628,6 +634,7 @@ void Session::end_session(const Status& why) {
         for (auto& w : waiters) w->complete({why, false});
     }
     data_plane_.close_all();
+    if (probe_stop_) probe_stop_->store(true);  // a probe must not stream on for a session that is over
     if (master_) {
         loop_.unwatch(master_watch_);
         master_.reset();

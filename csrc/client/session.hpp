@@ -180,10 +180,12 @@ private:
     std::unordered_map<uint64_t, std::shared_ptr<ReduceHandle>> ops_by_tag_;
     std::unordered_map<uint64_t, uint64_t> tag_by_uid_;
 
-    // One bandwidth probe at a time streams on its own thread (the master runs a peer's probes one
-    // after another); it reports back through post().
+    // A bandwidth probe streams on a thread of its own and reports back through post(). The master
+    // runs a peer's probes one after another; a newer probe stops an older one that still runs (its
+    // round is over) without the reactor waiting for it: the thread is joined at shutdown.
     std::thread probe_thread_;
-    std::atomic<bool> probe_stop_{false};
+    std::shared_ptr<std::atomic<bool>> probe_stop_;
+    std::vector<std::thread> stopped_probe_threads_;
 };
 
 }  // namespace pccl::client

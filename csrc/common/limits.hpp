@@ -94,6 +94,7 @@ inline constexpr uint64_t kTargetPiecesPerChunk = 4;
 // and each range travels in frames of kSyncFrameBytes (part of the protocol: the receiver checks
 // every frame's offset and length against it).
 inline constexpr size_t kSyncFrameBytes = 512 * 1024;
+static_assert(kSyncFrameBytes <= kMaxDataPieceBytes);
 inline constexpr size_t kMinSyncRangeBytes = 8 * 1024 * 1024;
 inline constexpr size_t kMinPieceBytes = 256 * 1024;
 // In-place ops keep one copy of the input; up to this many bytes of such copies stay cached.
@@ -114,6 +115,7 @@ inline constexpr milliseconds kBandwidthProbeReceiptTimeout{5000};
 inline constexpr std::chrono::seconds kBandwidthCacheTtl{600};
 // Rings of up to this many peers are solved exactly (bottleneck Hamiltonian cycle, O(2^n n^2)).
 inline constexpr size_t kMaxExactRingPeers = 16;
+static_assert(kMaxExactRingPeers < 32, "the exact solver keeps member sets in 32-bit masks");
 // Relocation passes of the heuristic used beyond kMaxExactRingPeers.
 inline constexpr size_t kMaxRingHeuristicPasses = 64;
 // The ring is only reordered when the new bottleneck beats the current one by this fraction:
@@ -122,5 +124,12 @@ inline constexpr double kRingImprovementMargin = 0.10;
 // Write size of a probe's sender, and the most rate samples a probe's receiver keeps.
 inline constexpr size_t kBandwidthProbeChunkBytes = 256 * 1024;
 inline constexpr size_t kMaxBandwidthProbeSamples = 1 << 16;
+// A receiver reads at most this much per wake-up, and takes at most this many probe connections
+// at once (the master runs one probe per peer at a time, of at most kMaxPoolSize connections).
+inline constexpr size_t kMaxProbeReadPerWakeup = 4 * 1024 * 1024;
+inline constexpr size_t kMaxProbeConnections = 4 * kMaxPoolSize;
+// The master gives a probe round its streaming time plus this long (connect, drain, receipt) before
+// it counts the round's missing reports as failed probes.
+inline constexpr milliseconds kBandwidthProbeRoundSlack{15000};
 
 }  // namespace pccl::limits

@@ -639,7 +639,7 @@ void MasterState::drop_peer(PeerId id, DropCause cause, const std::string& reaso
             finish_op(key, static_cast<uint8_t>(Result::RANK_CONNECTION_LOST), who + " left the ring: " + reason);
         }
         sync_peer_gone(dropped.group, id);
-        if (optimize_.active) optimization_peer_gone(id);
+        if (optimize_.active) optimization_peer_gone(id, Clock::now());
         if (group_ring(dropped.group).empty()) group_revision_.erase(dropped.group);  // the next peers start afresh
         // Remove empty not-yet-started records, then see whether the remaining votes now agree.
         std::erase_if(ops_, [&](const auto& kv) { return !kv.second.started && kv.second.begun.empty(); });
@@ -669,6 +669,8 @@ void MasterState::on_tick(Clock::time_point now) {
         conns_.erase(conn);
         out_.disconnect(conn, "no HELLO in time");
     }
+
+    if (optimize_.active && now > optimize_.round_deadline) expire_probe_round(now);
 
     if (now - last_heartbeat_sent_ >= limits::kHeartbeatInterval) {
         last_heartbeat_sent_ = now;

@@ -117,23 +117,28 @@ private:
         double bits_per_second = 0;
         Clock::time_point at{};
     };
+    using HostPair = std::pair<HostKey, HostKey>;
     struct Optimization {
         bool active = false;
+        Clock::time_point started{};  // cached rates are judged fresh as of this moment
         std::vector<std::vector<std::pair<PeerId, PeerId>>> rounds;
         size_t round = 0;
+        Clock::time_point round_deadline{};
         std::map<uint64_t, std::pair<PeerId, PeerId>> outstanding;  // probe id -> (sender, receiver)
-        std::set<std::pair<PeerId, PeerId>> failed;                 // unreachable this time: avoided, not cached
+        std::set<HostPair> failed;  // unreachable this time: avoided, not cached
     };
     static HostKey host_key(const wire::IpAddress& ip);
     void on_vote_optimize(Peer& p);
     bool may_vote_update(Peer& p, const char* call);
     void complete_update_votes();
     void start_optimization(Clock::time_point now);
-    void run_probe_round();
+    void run_probe_round(Clock::time_point now);
+    void expire_probe_round(Clock::time_point now);
     void on_bandwidth_report(Peer& p, const wire::BandwidthReport& m, Clock::time_point now);
-    void optimization_peer_gone(PeerId id);
+    void optimization_peer_gone(PeerId id, Clock::time_point now);
     void finish_optimization();
-    BandwidthMatrix bandwidth_matrix(const std::vector<PeerId>& members) const;
+    BandwidthMatrix bandwidth_matrix(const std::vector<PeerId>& members, Clock::time_point as_of) const;
+    HostPair host_pair(PeerId from, PeerId to) const;
     void insert_newcomer(PeerId id);
 
     void handle_hello(ConnId conn, Conn& c, const wire::Hello& m, Clock::time_point now);
@@ -188,7 +193,7 @@ private:
     Optimization optimize_;
     bool optimize_after_round_ = false;  // an optimize vote admitted newcomers first
     uint64_t next_probe_id_ = 1;
-    std::map<std::pair<HostKey, HostKey>, Measured> bandwidth_;
+    std::map<HostPair, Measured> bandwidth_;
     Clock::time_point last_heartbeat_sent_{};
 
     // For the status page only: nothing below feeds back into a decision.

@@ -169,12 +169,13 @@ std::vector<size_t> best_ring(const BandwidthMatrix& bandwidth, const std::vecto
 size_t best_insertion(const BandwidthMatrix& bandwidth, const std::vector<size_t>& order, size_t newcomer) {
     const size_t m = order.size();
     if (m < 2) return m;
-    bool anything_known = false;
-    for (size_t member : order) anything_known |= bandwidth[member][newcomer] >= 0 || bandwidth[newcomer][member] >= 0;
-    if (!anything_known) return m;
     size_t best_pos = m;
     double best = -1;
     for (size_t pos = 1; pos <= m; ++pos) {  // pos m: between the last and the first member
+        // Only where both of the newcomer's new links are measured: an unmeasured link would look
+        // free and win, and so would the removal of a measured slow one it replaces.
+        const size_t prev = order[pos - 1], next = order[pos % m];
+        if (bandwidth[prev][newcomer] < 0 || bandwidth[newcomer][next] < 0) continue;
         std::vector<size_t> candidate = order;
         candidate.insert(candidate.begin() + static_cast<std::ptrdiff_t>(pos), newcomer);
         const double b = ring_bottleneck(bandwidth, candidate);

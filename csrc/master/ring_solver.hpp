@@ -22,7 +22,8 @@ double ring_bottleneck(const BandwidthMatrix& bandwidth, const std::vector<size_
 std::vector<size_t> best_ring(const BandwidthMatrix& bandwidth, const std::vector<size_t>& current);
 
 // Where a newcomer goes: the index in `order` before which inserting `newcomer` gives the widest
-// ring, judged on measured edges only; order.size() (the end) when nothing about it is known.
+// ring, among the positions where both of its new links are measured (other edges: measured ones
+// only); order.size() (the end) when there is no such position.
 size_t best_insertion(const BandwidthMatrix& bandwidth, const std::vector<size_t>& order, size_t newcomer);
 
 // Rounds of directed probes (sender, receiver) covering every pair `wanted`: in each round a

@@ -165,6 +165,11 @@ void DelayLine::run() {
             } else if (tag == kTimerTag) {
                 uint64_t expirations;
                 if (read(timer_fd_, &expirations, sizeof expirations) > 0) armed_for_ = 0;
+            } else if (events[i].events & (EPOLLERR | EPOLLHUP)) {
+                // The host's TUN device or namespace is gone (torn down under us): a level-triggered
+                // error would wake this loop forever, so stop; the emulator is over anyway.
+                std::fprintf(stderr, "host %zu's TUN device failed; exiting\n", size_t(tag));
+                return;
             } else {
                 read_host(size_t(tag));
             }

@@ -306,7 +306,13 @@ class WanEmulator:
             return ""
 
     def _log_lines(self, prefix: str) -> list[str]:
-        return [line for line in self._log_text().splitlines() if line.startswith(prefix)]
+        """Complete lines only: a long STATS line may reach the file in several writes."""
+        try:
+            text = self._log.read_text(errors="replace")
+        except OSError:
+            return []
+        complete = text[: text.rfind("\n") + 1]
+        return [line for line in complete.splitlines() if line.startswith(prefix)]
 
     def stats(self) -> dict:
         """The delay line's counters now: per link forwarded / lost / queue_drops / flow_drops."""
@@ -340,8 +346,8 @@ class WanEmulator:
                 time.sleep(POLL_INTERVAL_S)
             if _pid_is_delay_line(pid):
                 os.kill(pid, signal.SIGKILL)
-        exits = self._log_lines("STATS ")
-        if exits:
+        exits = [line for line in self._log_lines("STATS ") if '"when":"exit"' in line]
+        if exits:  # none after a SIGKILL: then there are no final figures
             self.final_stats = json.loads(exits[-1][len("STATS ") :])
 
     def down(self) -> None:
