@@ -444,3 +444,48 @@ def test_cli_refuses_a_taken_status_port():
         r = subprocess.run([sys.executable, "-m", "pccl.master", "--listen-address", "127.0.0.1:0",
                             "--status-port", str(port)], capture_output=True, text=True, timeout=30, cwd=TESTS)
     assert r.returncode == 1 and "pccl-master: error:" in r.stderr, (r.returncode, r.stdout, r.stderr)
+
+
+def test_optimize_topology_survives_probers_that_never_report():
+    """Raw peers vote optimize_topology and then ignore their BANDWIDTH_PROBE: the master gives the
+    round its streaming time plus the slack, counts the probe as failed (nothing cached), and lets
+    every voter through; meanwhile the status page says it is measuring. A report naming the wrong
+    target is a protocol violation."""
+    vote_optimize = frame(200)
+    with Cluster(status_port=0, peer_timeout_s=120.0, env={"PCCL_BANDWIDTH_PROBE_MS": "50"}) as c:
+        a = RawPeer(c.port)
+        a.await_frame("TOPOLOGY")
+        a.send(p2p_ready(1))
+        a.await_frame("TOPOLOGY_COMPLETE")
+        b, d = RawPeer(c.port), RawPeer(c.port)
+        for p in (b, d):
+            p.await_frame("WELCOME")
+        wait_status(c, lambda s: s["peer_count"] == 3, "three registered")
+        a.send(frame(3))  # update_topology: admit b and d
+        for p in (a, b, d):
+            p.await_frame("TOPOLOGY", count=2 if p is a else 1)
+            p.send(p2p_ready(2))
+        for p in (a, b, d):
+            p.await_frame("TOPOLOGY_COMPLETE", count=2 if p is a else 1)
+        start = time.monotonic()
+        for p in (a, b, d):
+            p.send(vote_optimize)
+        # All on 127.0.0.1: one host pair (the host's own path), probed from the first peer.
+        a.await_frame("BANDWIDTH_PROBE")
+        assert status(c)["topology_optimizing"]
+        for p in (a, b, d):
+            p.await_frame("TOPOLOGY_COMPLETE", count=3 if p is a else 2, timeout=60)
+        assert time.monotonic() - start >= 10, "the round must wait out its slack before giving up"
+        s = status(c)
+        assert not s["topology_optimizing"] and s["links"] == []
+        assert s["counters"]["topology_optimizations"] == 1 and s["counters"]["topology_reorders"] == 0
+
+        # Again: this time a answers for a peer it was not asked to measure.
+        for p in (a, b, d):
+            p.send(vote_optimize)
+        a.await_frame("BANDWIDTH_PROBE", count=2)
+        a.send(frame(201, struct.pack("<QQQB", 2, 999, 10**9, 1) + wire_string(b"")))
+        s = wait_status(c, lambda s: len(s["dropped"]) == 1, "the liar dropped")
+        assert s["dropped"][0]["cause"] == "protocol_violation" and "bandwidth probe" in s["dropped"][0]["reason"]
+        for p in (a, b, d):
+            p.close()
