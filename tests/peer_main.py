@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -606,6 +607,10 @@ SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if na
 
 
 def main() -> None:
+    # Ctrl-C must reach this process as KeyboardInterrupt whatever signal state its parent handed
+    # down (a blocked or ignored SIGINT is inherited across exec).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     spec = json.loads(sys.argv[1])
     try:
         SCENARIOS[spec["scenario"]](spec)
