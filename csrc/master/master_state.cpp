@@ -691,6 +691,7 @@ StatusSnapshot MasterState::snapshot(Clock::time_point now) const {
     s.topology_optimizing = optimize_.active;
     for (const auto& [key, m] : bandwidth_) {
         if (s.links.size() >= limits::kMaxStatusLinksListed) break;
+        if (now - m.at >= limits::kBandwidthCacheTtl) continue;  // expired: the next optimisation re-measures it
         auto host = [](const HostKey& k) {
             wire::IpAddress ip;
             ip.family = k[0];
