@@ -33,12 +33,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from launch import run_main
+from launch import run_main, wait_for_peers
 
 UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 QUANTIZATIONS = ("none", "uint8")
-WAIT_FOR_GROUP_S = 180.0      # joining over a 100 ms RTT link takes a few round trips per peer
-POLL_S = 0.05
 PARITY_TAG = 1 << 20          # above every data tensor's tag
 PEER_START_TIMEOUT_S = 60.0   # emulated mode: how long the master may take to say its port
 POINT_TIMEOUT_S = 600.0       # emulated mode: the slowest point (pool 1, gloo) moves 256 MiB at one flow's cap
@@ -58,17 +56,6 @@ def bus_gbit(nbytes: int, world: int, seconds: float) -> float:
 
 
 # ------------------------------------------------------------------------------------ peer side
-
-def wait_for_group(comm: Any, world: int) -> None:
-    from pccl import Attribute
-    deadline = time.monotonic() + WAIT_FOR_GROUP_S
-    while comm.get_attribute(Attribute.LOCAL_WORLD_SIZE) < world:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"fewer than {world} peers after {WAIT_FOR_GROUP_S:.0f} s")
-        if comm.are_peers_pending():
-            comm.update_topology()
-        time.sleep(POLL_S)
-
 
 def time_point(comm: Any, data: list, quant: str, reps: int) -> tuple[float, str, bool]:
     """Best of `reps` all-reduces of every tensor of `data` at once; the results' digest, and whether
@@ -120,7 +107,7 @@ def run_peer(args: argparse.Namespace) -> list[dict]:
     for pool in args.pools:
         comm = pccl.Communicator(args.master, p2p_connection_pool_size=pool)
         comm.connect(n_attempts=50)
-        wait_for_group(comm, args.world)
+        wait_for_peers(comm, args.world)
         for tensors in args.tensors:
             data = [np.ascontiguousarray(x) for x in np.array_split(values, tensors)]
             for quant in args.quant:
