@@ -55,12 +55,12 @@ auto blocking(F&& call) {
     return result;
 }
 
-// The shared-state hash: XXH3-128 from the `xxhash` package on PyPI (maintained, ~28 GB/s per core
-// here). Called from the thread blocked in sync_shared_state; it releases the GIL while hashing.
-std::array<uint8_t, 16> xxh3_128(const void* data, size_t bytes) {
+// The shared-state hash of host memory, as pccl/_hashing.py defines it (XXH3-128 from the `xxhash`
+// package over 256 KiB chunks). Called from the thread blocked in sync_shared_state.
+std::array<uint8_t, 16> host_digest(const void* data, size_t bytes) {
     py::gil_scoped_acquire gil;
     // Leaked on purpose: a static py::object would be destroyed after the interpreter.
-    static auto* digest = new py::object(py::module_::import("xxhash").attr("xxh3_128_digest"));
+    static auto* digest = new py::object(py::module_::import("pccl._hashing").attr("digest_host"));
     static const char kEmpty = 0;
     auto view = py::memoryview::from_memory(bytes ? data : &kEmpty, static_cast<py::ssize_t>(bytes));
     const std::string d = py::bytes((*digest)(view));
@@ -92,15 +92,43 @@ public:
         Status s = impl_.get_attribute(static_cast<Attribute>(attribute), value);
         return {static_cast<int>(s.code), s.message, value};
     }
-    // entries: (name, host pointer, element count, dtype code, allow_content_inequality)
+    // entries: (name, host pointer, element count, dtype code, allow_content_inequality, digest).
+    // An entry with a 16-byte digest may have pointer 0: `stage()` then returns every entry's host
+    // pointer, called only if this peer sends or receives (CUDA tensors are staged on demand).
     std::tuple<int, std::string, uint64_t, uint64_t, uint64_t> sync_shared_state(
-        uint64_t revision, const std::vector<std::tuple<std::string, uintptr_t, uint64_t, int, bool>>& entries,
-        int strategy) {
+        uint64_t revision,
+        const std::vector<std::tuple<std::string, uintptr_t, uint64_t, int, bool, py::bytes>>& entries,
+        int strategy, py::object stage) {
         std::vector<client::SyncEntryDesc> descs;
-        for (const auto& [name, ptr, count, dtype, unequal] : entries)
-            descs.push_back({name, static_cast<DataType>(dtype), count, reinterpret_cast<uint8_t*>(ptr), unequal});
+        for (const auto& [name, ptr, count, dtype, unequal, digest] : entries) {
+            client::SyncEntryDesc d{name, static_cast<DataType>(dtype), count, reinterpret_cast<uint8_t*>(ptr), {}, unequal};
+            const std::string known = digest;
+            if (known.size() == 16) {
+                d.hash.emplace();
+                std::memcpy(d.hash->data(), known.data(), 16);
+            } else if (!known.empty()) {
+                throw py::value_error("a precomputed shared-state digest has 16 bytes");
+            }
+            descs.push_back(std::move(d));
+        }
+        client::Stager stager;
+        if (!stage.is_none())
+            stager = [&stage](std::vector<uint8_t*>& host) -> Status {
+                py::gil_scoped_acquire gil;
+                try {
+                    auto pointers = stage().cast<std::vector<uintptr_t>>();
+                    if (pointers.size() != host.size())
+                        return Status::error(Result::INTERNAL_ERROR, "stage() returned the wrong number of pointers");
+                    for (size_t i = 0; i < host.size(); ++i) host[i] = reinterpret_cast<uint8_t*>(pointers[i]);
+                    return Status::ok();
+                } catch (py::error_already_set& e) {
+                    return Status::error(Result::INTERNAL_ERROR, e.what());
+                } catch (py::cast_error& e) {
+                    return Status::error(Result::INTERNAL_ERROR, e.what());
+                }
+            };
         client::SyncOutcome out = blocking([&](auto& check) {
-            return impl_.sync_shared_state(descs, revision, static_cast<uint8_t>(strategy), xxh3_128, check);
+            return impl_.sync_shared_state(descs, revision, static_cast<uint8_t>(strategy), host_digest, stager, check);
         });
         return {static_cast<int>(out.status.code), out.status.message, out.revision, out.tx_bytes, out.rx_bytes};
     }
@@ -179,7 +207,7 @@ PYBIND11_MODULE(_core, m) {
              py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("tag"), py::arg("quant_algorithm") = 0,
              py::arg("quant_dtype") = 0)
         .def("sync_shared_state", &PyCommunicator::sync_shared_state, py::arg("revision"), py::arg("entries"),
-             py::arg("strategy"))
+             py::arg("strategy"), py::arg("stage") = py::none())
         .def("close", &PyCommunicator::close)
         .def_property_readonly("peer_id", &PyCommunicator::peer_id)
         .def_property_readonly("connected", &PyCommunicator::connected);

@@ -19,6 +19,7 @@ from pccl._descriptors import (
     SharedStateSyncInfo, TensorInfo, core_reduce_args,
 )
 from pccl._errors import PCCLError
+from pccl._hashing import digest_tensors
 from pccl._types import Attribute, DataType, DeviceType, ReduceOp, Result, SharedStateSyncStrategy
 
 # Failures that a retry on the shrunken ring can cure; anything else (a descriptor mismatch, being
@@ -168,24 +169,47 @@ class Communicator:
         Each peer hashes its entries; the group elects the most popular content at the newest
         revision; peers that differ or are behind fetch exactly the differing entries from up-to-date
         peers and check their hashes. Writes the synced revision back into ``shared_state``. CUDA
-        tensors go through pinned host copies (copied back only where data arrived and the sync
-        succeeded).
+        tensors are hashed on the GPU and staged through pinned host copies only when this peer
+        sends or receives data (copied back only where data arrived and the sync succeeded).
         """
         if not isinstance(shared_state, SharedState):
             raise TypeError(f"shared_state must be a SharedState, not {type(shared_state).__name__}")
+        on_device = [info.device_type is DeviceType.CUDA for info in shared_state.tensor_infos]
+        return self._sync_shared_state(shared_state, strategy, on_device)
+
+    def _sync_shared_state(self, shared_state: SharedState, strategy: SharedStateSyncStrategy,
+                           hashed_in_place: list[bool]) -> SharedStateSyncInfo:
+        """``hashed_in_place[i]``: entry i is hashed by torch where it lives and staged on demand
+        (always so for CUDA tensors; the tests also use it for CPU tensors)."""
         strategy = SharedStateSyncStrategy(strategy)
         self._reap()
         with self._lock:
             if self._in_flight:
                 raise PCCLError(Result.PENDING_ASYNC_OPS, "sync_shared_state",
                                 f"{len(self._in_flight)} all-reduce(s) still in flight; wait for them first")
-        stagings = [Staging(buf, buf) for buf in (self._info_buffer(info) for info in shared_state.tensor_infos)]
-        entries = [(info.name, st.send_ptr, info.numel, info.dtype.value, bool(info.allow_content_inequality))
-                   for info, st in zip(shared_state.tensor_infos, stagings)]
-        code, message, revision, tx, rx = self._core.sync_shared_state(shared_state.revision, entries, strategy.value)
-        ok = code == Result.SUCCESS.value
-        for st in stagings:
-            st.finish(ok and rx > 0)
+        infos = shared_state.tensor_infos
+        buffers = [self._info_buffer(info) for info in infos]
+        in_place = [i for i, flag in enumerate(hashed_in_place) if flag]
+        digests = dict(zip(in_place, digest_tensors([infos[i].tensor for i in in_place]))) if in_place else {}
+        stagings = [None if i in digests else Staging(buf, buf) for i, buf in enumerate(buffers)]
+
+        def stage() -> list[int]:
+            for i in in_place:
+                if stagings[i] is None:
+                    stagings[i] = Staging(buffers[i], buffers[i])
+            return [st.send_ptr for st in stagings]
+
+        entries = [(info.name, 0 if st is None else st.send_ptr, info.numel, info.dtype.value,
+                    bool(info.allow_content_inequality), digests.get(i, b""))
+                   for i, (info, st) in enumerate(zip(infos, stagings))]
+        code, rx = None, 0
+        try:
+            code, message, revision, tx, rx = self._core.sync_shared_state(
+                shared_state.revision, entries, strategy.value, stage if in_place else None)
+        finally:
+            for st in stagings:
+                if st is not None:
+                    st.finish(code == Result.SUCCESS.value and rx > 0)
         PCCLError.check(code, "sync_shared_state", message)
         shared_state.revision = int(revision)
         return SharedStateSyncInfo(tx, rx)

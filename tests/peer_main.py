@@ -457,6 +457,22 @@ def make_tensor(dtype: str, count: int, seed: int, backend: str):
     return as_buffer(values, dtype, backend)
 
 
+class _CountStaging:
+    """Wraps the core communicator to count how often a sync asked for host memory."""
+
+    def __init__(self, core: Any, calls: list[int]) -> None:
+        self._core, self._calls = core, calls
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
+
+    def sync_shared_state(self, revision, entries, strategy, stage=None):
+        def counted():
+            self._calls[0] += 1
+            return stage()
+        return self._core.sync_shared_state(revision, entries, strategy, counted if stage else None)
+
+
 def scenario_sync(spec: dict[str, Any]) -> None:
     """Runs a script of steps: ["join", n], ["sync", {options}], ["hold", seconds].
 
@@ -477,6 +493,16 @@ def scenario_sync(spec: dict[str, Any]) -> None:
 
     state = SharedState([info_of(name) for name in tensors])
     state.revision = spec.get("revision", 0)
+    # "hash_in_place": torch tensors are hashed by pccl's torch kernel and staged on demand, the way
+    # CUDA tensors are; "staged" counts the calls that needed host memory.
+    stage_calls = [0]
+    if spec.get("hash_in_place"):
+        comm._core = _CountStaging(comm._core, stage_calls)
+
+        def sync(state, strategy):
+            return comm._sync_shared_state(state, strategy, [True] * len(state.tensor_infos))
+    else:
+        sync = comm.sync_shared_state
     for step, arg in spec["script"]:
         if step == "join":
             join(comm, arg)
@@ -493,12 +519,13 @@ def scenario_sync(spec: dict[str, Any]) -> None:
             strategy = getattr(SharedStateSyncStrategy, arg.get("strategy", "ENFORCE_POPULAR"))
             t0 = time.time()
             try:
-                info = comm.sync_shared_state(state, strategy)
+                info = sync(state, strategy)
                 emit(event="synced", ok=True, revision=state.revision, tx=info.tx_bytes, rx=info.rx_bytes,
-                     seconds=time.time() - t0, digests={n: digest(t) for n, t in tensors.items()})
+                     seconds=time.time() - t0, digests={n: digest(t) for n, t in tensors.items()},
+                     staged=stage_calls[0])
             except PCCLError as e:
                 emit(event="synced", ok=False, result=e.result.name, message=str(e), revision=state.revision,
-                     digests={n: digest(t) for n, t in tensors.items()})
+                     digests={n: digest(t) for n, t in tensors.items()}, staged=stage_calls[0])
         elif step == "report_receiving":
             # Tell the test the moment bytes start landing in tensor `arg` (so it can kill a sender then).
             watched = tensors[arg]

@@ -149,14 +149,20 @@ def test_every_dtype_including_16_bit(cluster, backend):
     assert synced(procs[1])["rx"] > 0
 
 
-def test_distributor_killed_mid_transfer(cluster):
+@pytest.mark.parametrize("hash_in_place", [False, True], ids=["host-hashed", "hashed-in-place"])
+def test_distributor_killed_mid_transfer(cluster, hash_in_place):
+    extra = {}
+    if hash_in_place:  # staged on demand, as CUDA tensors are
+        pytest.importorskip("torch", reason="torch is an optional extra; CI installs it")
+        extra = dict(backend="torch", hash_in_place=True)
     c = cluster()
     big = [["w", "float32", 64 << 20, 1, 0]]           # 256 MiB: two ranges, one per distributor
-    dying = c.peer("sync", index=0, tensors=big, script=[["join", 3], ["sync", {}], ["hold", 30]])
+    dying = c.peer("sync", index=0, tensors=big, script=[["join", 3], ["sync", {}], ["hold", 30]], **extra)
     keeper = c.peer("sync", index=1, tensors=big,
-                    script=[["join", 3], ["sync", {}], ["sync", {}], ["hold", 0.5]])
+                    script=[["join", 3], ["sync", {}], ["sync", {}], ["hold", 0.5]], **extra)
     receiver = c.peer("sync", index=2, tensors=[["w", "float32", 64 << 20, 9, 0]],
-                      script=[["join", 3], ["report_receiving", "w"], ["sync", {}], ["sync", {}], ["hold", 0.5]])
+                      script=[["join", 3], ["report_receiving", "w"], ["sync", {}], ["sync", {}], ["hold", 0.5]],
+                      **extra)
     receiver.wait_event(lambda e: e.get("event") == "receiving", timeout=120)
     dying.kill()  # a distributor dies while its bytes are on the way
     for p in (keeper, receiver):
@@ -172,3 +178,39 @@ def test_distributor_killed_mid_transfer(cluster):
         assert first["digests"]["w"] == synced(keeper, 0)["digests"]["w"]
     else:
         assert first["result"] == "RANK_CONNECTION_LOST", first
+
+
+def test_entries_hashed_in_place_are_staged_only_when_data_moves(cluster):
+    """The path CUDA tensors take (hashed by pccl's torch kernel, host copies made on demand),
+    exercised with CPU tensors: a peer that neither sends nor receives never asks for host memory."""
+    pytest.importorskip("torch", reason="torch is an optional extra; CI installs it")
+    good = [["a", "float32", 300_000, 1, 0], ["b", "float64", 70_000, 2, 0], ["c", "bfloat16", 5, 3, 0]]
+    stale = [["a", "float32", 300_000, 1, 0], ["b", "float64", 70_000, 99, 0], ["c", "bfloat16", 5, 3, 0]]
+    script = [["join", 3], ["sync", {}], ["sync", {"push": True}], ["hold", 0.3]]
+    spec = dict(script=script, backend="torch", hash_in_place=True)
+    procs = run(cluster, [dict(tensors=good, **spec), dict(tensors=good, **spec), dict(tensors=stale, **spec)])
+    first = [synced(p, 0) for p in procs]
+    assert all(e["ok"] for e in first), first
+    assert all(e["digests"] == first[0]["digests"] for e in first)
+    assert first[2]["rx"] == frames_bytes(70_000 * 8) and first[2]["staged"] == 1
+    for e in first[:2]:  # the distributor stages; the peer that sends nothing does not
+        assert e["rx"] == 0 and e["staged"] == (1 if e["tx"] else 0), e
+    assert first[0]["tx"] + first[1]["tx"] == first[2]["rx"]
+    second = [synced(p, 1) for p in procs]
+    for e, before in zip(second, first):  # in sync: nothing moves, nothing is staged
+        assert e["ok"] and e["revision"] == 1 and e["tx"] == e["rx"] == 0, e
+        assert e["staged"] == before["staged"]
+
+
+def test_hash_kernel_and_host_hash_agree_in_one_election(cluster):
+    """Peers hashing with the torch kernel and peers hashing host memory with xxhash see the same
+    content as equal: nothing moves. Sizes span one chunk, several, and a short last chunk."""
+    pytest.importorskip("torch", reason="torch is an optional extra; CI installs it")
+    t = [["one_chunk", "float32", 65_536, 1, 0], ["several", "float64", 3 * 32_768, 2, 0],
+         ["ragged", "bfloat16", 400_001, 3, 0], ["tiny", "int8", 3, 4, 0]]
+    script = [["join", 4], ["sync", {}], ["hold", 0.3]]
+    specs = [dict(tensors=t, revision=2, script=script, backend="torch", hash_in_place=i % 2 == 0) for i in range(4)]
+    procs = run(cluster, specs)
+    for p in procs:
+        e = synced(p)
+        assert e["ok"] and e["revision"] == 2 and e["tx"] == 0 and e["rx"] == 0, e

@@ -58,7 +58,7 @@ Status Communicator::are_peers_pending(bool& pending, const InterruptCheck& inte
 
 SyncOutcome Communicator::sync_shared_state(const std::vector<SyncEntryDesc>& entries, uint64_t revision,
                                             uint8_t strategy,
-                                            const std::function<std::array<uint8_t, 16>(const void*, size_t)>& hasher,
+                                            const Hasher& hasher, const Stager& stager,
                                             const InterruptCheck& interrupted) {
     auto s = current_session();
     if (!s) return {Status::error(Result::NOT_INITIALIZED, "not connected: call connect() first"), 0, 0, 0};
@@ -66,8 +66,10 @@ SyncOutcome Communicator::sync_shared_state(const std::vector<SyncEntryDesc>& en
     std::set<std::string> names;
     for (const auto& e : entries) {
         if (!is_valid(e.dtype)) return {Status::error(Result::INVALID_ARGUMENT, "entry '" + e.name + "' has an unknown dtype"), 0, 0, 0};
-        if (e.count > 0 && e.data == nullptr)
+        if (e.count > 0 && e.data == nullptr && !e.hash)
             return {Status::error(Result::INVALID_ARGUMENT, "entry '" + e.name + "' has a null pointer"), 0, 0, 0};
+        if (e.count > 0 && e.data == nullptr && !stager)
+            return {Status::error(Result::INVALID_ARGUMENT, "entry '" + e.name + "' has no host memory and nothing stages it"), 0, 0, 0};
         if (e.name.size() > limits::kMaxWireStringBytes)
             return {Status::error(Result::INVALID_ARGUMENT, "entry name longer than " + std::to_string(limits::kMaxWireStringBytes) + " bytes"), 0, 0, 0};
         if (!names.insert(e.name).second)
@@ -75,7 +77,7 @@ SyncOutcome Communicator::sync_shared_state(const std::vector<SyncEntryDesc>& en
     }
     if (entries.size() > limits::kMaxSyncEntries)
         return {Status::error(Result::INVALID_ARGUMENT, "too many shared-state entries"), 0, 0, 0};
-    return s->sync_shared_state(entries, revision, strategy, hasher, interrupted);
+    return s->sync_shared_state(entries, revision, strategy, hasher, stager, interrupted);
 }
 
 Status Communicator::get_attribute(Attribute attribute, int64_t& value) const {

@@ -21,6 +21,11 @@
 namespace pccl::client {
 
 using InterruptCheck = std::function<bool()>;
+// Hashes host memory (the shared-state hash); the bindings supply one, so the core stays free of Python.
+using Hasher = std::function<std::array<uint8_t, 16>(const void* data, size_t bytes)>;
+// Called on the caller's thread, at most once per sync and only when this peer sends or receives
+// data: fills in host memory for every entry that has none yet (index-aligned with the entries).
+using Stager = std::function<Status(std::vector<uint8_t*>& host_data)>;
 
 struct ReduceRequest {
     const void* send = nullptr;
@@ -67,9 +72,10 @@ public:
     Status get_attribute(Attribute attribute, int64_t& value) const;
 
     // Collective per peer group: agree on one revision and content of the shared state, fetching
-    // what differs from up-to-date peers (see ARCHITECTURE.md). `hasher` hashes host memory.
+    // what differs from up-to-date peers (see ARCHITECTURE.md). `hasher` hashes host memory;
+    // `stager` provides host memory for entries passed without (see Stager).
     SyncOutcome sync_shared_state(const std::vector<SyncEntryDesc>& entries, uint64_t revision, uint8_t strategy,
-                                  const std::function<std::array<uint8_t, 16>(const void*, size_t)>& hasher,
+                                  const Hasher& hasher, const Stager& stager,
                                   const InterruptCheck& interrupted);
 
     // Never blocks on the network: errors (bad arguments, duplicate tag, not connected) arrive

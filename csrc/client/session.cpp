@@ -295,7 +295,10 @@ void Session::handle(wire::Message&& m) {
                    [&](wire::MasterHeartbeat&) {},
                    [&](wire::SyncPlan& x) { on_sync_plan(std::move(x)); },
                    [&](wire::SyncSendMore& x) {
-                       if (sync_ && sync_->uid == x.sync_uid) data_plane_.send_sync_ranges(x.sync_uid, x.send);
+                       if (sync_ && sync_->uid == x.sync_uid)
+                           when_staged([this, uid = x.sync_uid, send = std::move(x.send)] {
+                               data_plane_.send_sync_ranges(uid, send);
+                           });
                    },
                    [&](wire::SyncDone& x) {
                        if (!sync_ || sync_->uid != x.sync_uid) return;
@@ -447,7 +450,7 @@ void Session::release_backup(ReduceHandle& h) {
 // ------------------------------------------------------------------ shared-state sync
 
 SyncOutcome Session::sync_shared_state(const std::vector<SyncEntryDesc>& entries, uint64_t revision, uint8_t strategy,
-                                       const Hasher& hasher, const InterruptCheck& interrupted) {
+                                       const Hasher& hasher, const Stager& stager, const InterruptCheck& interrupted) {
     auto call = std::make_shared<SyncCall>();
     call->vote.revision = revision;
     call->vote.strategy = strategy;
@@ -457,16 +460,31 @@ SyncOutcome Session::sync_shared_state(const std::vector<SyncEntryDesc>& entries
         w.name = e.name;
         w.dtype = static_cast<uint8_t>(e.dtype);
         w.count = e.count;
-        w.hash = hasher(e.data, bytes);  // on the caller's thread: the reactor keeps serving
+        // On the caller's thread: the reactor keeps serving.
+        w.hash = e.hash ? *e.hash : hasher(e.data, bytes);
         w.allow_inequality = e.allow_inequality ? 1 : 0;
         call->vote.entries.push_back(std::move(w));
         call->buffers.push_back({e.data, bytes});
+        if (bytes > 0 && e.data == nullptr) call->staged = false;
     }
     if (!post([this, call] { start_sync(call); })) return {over_status(), 0, 0, 0};
 
     std::unique_lock lock(call->mutex);
     bool verified = false;
+    bool staging_started = false;
     while (!call->done) {
+        if (call->staging_wanted && !staging_started) {
+            // This peer sends or receives: its device-resident entries need host memory now.
+            staging_started = true;
+            lock.unlock();
+            std::vector<uint8_t*> host(call->buffers.size(), nullptr);
+            Status staged = stager ? stager(host) : Status::error(Result::INTERNAL_ERROR, "no stager for host-less entries");
+            post([this, call, host = std::move(host), staged = std::move(staged)]() mutable {
+                on_staged(call, std::move(host), std::move(staged));
+            });
+            lock.lock();
+            continue;
+        }
         if (call->received && !verified) {
             // Check what arrived before anyone is told it is synced.
             verified = true;
@@ -537,9 +555,51 @@ void Session::on_sync_plan(wire::SyncPlan&& plan) {
         if (e.entry >= sync_->buffers.size())
             return finish_sync(Status::error(Result::INTERNAL_ERROR, "the master planned an entry this peer does not have"), 0);
     sync_->expect = std::move(plan.expect);
-    data_plane_.begin_sync(plan.sync_uid, sync_->buffers);
-    if (!plan.receive.empty()) data_plane_.expect_sync_ranges(plan.sync_uid, plan.receive);
-    if (!plan.send.empty()) data_plane_.send_sync_ranges(plan.sync_uid, plan.send);
+    if (plan.receive.empty() && plan.send.empty()) {
+        // Nothing moves (the common case once a run is in sync): device-resident entries stay
+        // unstaged. Registered anyway, so the master may still hand this peer ranges to send.
+        data_plane_.begin_sync(plan.sync_uid, sync_->buffers);
+        sync_->data_plane_begun = true;
+        return;
+    }
+    when_staged([this, uid = plan.sync_uid, receive = std::move(plan.receive), send = std::move(plan.send)] {
+        data_plane_.begin_sync(uid, sync_->buffers);
+        sync_->data_plane_begun = true;
+        if (!receive.empty()) data_plane_.expect_sync_ranges(uid, receive);
+        if (!send.empty()) data_plane_.send_sync_ranges(uid, send);
+    });
+}
+
+void Session::when_staged(std::function<void()> action) {
+    if (sync_->staged) return action();
+    // Until then a receiver's incoming frames of this sync park (their uid is not begun yet).
+    sync_->after_staging.push_back(std::move(action));
+    std::lock_guard lock(sync_->mutex);
+    sync_->staging_wanted = true;
+    sync_->changed.notify_all();
+}
+
+void Session::on_staged(const std::shared_ptr<SyncCall>& call, std::vector<uint8_t*> host, Status status) {
+    if (sync_ != call) return;  // the round ended meanwhile
+    if (!status.is_ok()) {
+        call->after_staging.clear();
+        send_master(wire::SyncResult{call->uid, 0, "staging the shared state into host memory failed: " + status.message});
+        return;
+    }
+    for (size_t i = 0; i < host.size() && i < call->buffers.size(); ++i)
+        if (call->buffers[i].data == nullptr) call->buffers[i].data = host[i];
+    for (const auto& b : call->buffers)
+        if (b.bytes > 0 && b.data == nullptr) {
+            call->after_staging.clear();
+            send_master(wire::SyncResult{call->uid, 0, "staging the shared state left an entry without host memory"});
+            return;
+        }
+    call->staged = true;
+    // Ranges handed over earlier were registered with the unstaged (null) pointers: refresh them.
+    if (call->data_plane_begun) data_plane_.begin_sync(call->uid, call->buffers);
+    auto actions = std::move(call->after_staging);
+    call->after_staging.clear();
+    for (auto& action : actions) action();
 }
 
 void Session::on_sync_received(uint64_t uid) {

@@ -60,7 +60,10 @@ struct SyncEntryDesc {
     std::string name;
     DataType dtype = DataType::FLOAT;
     uint64_t count = 0;
-    uint8_t* data = nullptr;  // host memory, valid for the whole call
+    // Host memory, valid for the whole call; null for an entry the caller hashed itself (`hash`) and
+    // stages into host memory only if this sync moves its bytes (a CUDA tensor: see Stager).
+    uint8_t* data = nullptr;
+    std::optional<wire::Hash128> hash;
     bool allow_inequality = false;
 };
 
@@ -70,9 +73,6 @@ struct SyncOutcome {
     uint64_t tx_bytes = 0;
     uint64_t rx_bytes = 0;
 };
-
-// Hashes host memory; the bindings supply one (xxh3-128), so the core stays free of Python.
-using Hasher = std::function<wire::Hash128(const void* data, size_t bytes)>;
 
 class Session final : public DataPlaneEvents, public std::enable_shared_from_this<Session> {
 public:
@@ -86,7 +86,7 @@ public:
     Status are_peers_pending(bool& pending, const InterruptCheck& interrupted);
     Attributes attributes() const;
     SyncOutcome sync_shared_state(const std::vector<SyncEntryDesc>& entries, uint64_t revision, uint8_t strategy,
-                                  const Hasher& hasher, const InterruptCheck& interrupted);
+                                  const Hasher& hasher, const Stager& stager, const InterruptCheck& interrupted);
     void submit(const std::shared_ptr<ReduceHandle>& handle);
     void cancel(ReduceHandle& handle);
     // Leaves the run and joins the reactor. Idempotent.
@@ -125,7 +125,14 @@ private:
         std::vector<wire::SyncExpect> expect;
         std::vector<DataPlane::SyncBuffer> buffers;
         wire::SyncVote vote;
+        bool staging_wanted = false;  // guarded by mutex: the reactor waits for host memory
+        // Reactor only.
+        bool staged = true;           // every entry has host memory
+        bool data_plane_begun = false;
+        std::vector<std::function<void()>> after_staging;
     };
+    void when_staged(std::function<void()> action);
+    void on_staged(const std::shared_ptr<SyncCall>& call, std::vector<uint8_t*> host, Status status);
     void start_sync(const std::shared_ptr<SyncCall>& call);
     void on_sync_plan(wire::SyncPlan&& plan);
     void finish_sync(Status status, uint64_t revision);

@@ -14,7 +14,8 @@ inline constexpr uint32_t kControlMagic = 0x4C434350;  // "PCCL" little endian
 inline constexpr uint32_t kDataMagic = 0x44434350;     // "PCCD" little endian
 // 2: OP_END carries the op's tx/rx byte counts (summed by the master for its status page).
 // 3: topology optimisation (VOTE_OPTIMIZE_TOPOLOGY, BANDWIDTH_PROBE/REPORT, PROBE_HELLO data frames).
-inline constexpr uint16_t kProtocolVersion = 3;
+// 4: the shared-state hash is XXH3-128 over 256 KiB chunks (pccl/_hashing.py), so GPUs can compute it.
+inline constexpr uint16_t kProtocolVersion = 4;
 // Before HELLO a connection may send only tiny frames; a registered peer's shared-state vote lists
 // every entry (name, dtype, size, hash), so it may send up to kMaxPeerToMasterFrameBytes.
 inline constexpr uint32_t kMaxUnregisteredFrameBytes = 64 * 1024;
