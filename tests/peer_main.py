@@ -484,6 +484,7 @@ def scenario_sync(spec: dict[str, Any]) -> None:
     backend = spec.get("backend", "numpy")
     tensors = {name: make_tensor(dtype, count, seed, backend) for name, dtype, count, seed, _ in spec["tensors"]}
     comm = connect(spec)
+    emit(event="connected")
     unequal = {name: bool(flag) for name, _, _, _, flag in spec["tensors"]}
 
     def info_of(name):

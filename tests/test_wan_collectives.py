@@ -88,3 +88,41 @@ def test_optimize_topology_avoids_slow_links(cluster):
     print(f"\n4 MiB all-reduce, 4 peers: join-order ring {t_before:.2f} s, optimised ring {ring} {t_after:.2f} s "
           f"({t_before / t_after:.1f}x)")
     assert t_before >= 2 * t_after, (t_before, t_after)
+
+
+def test_unstaged_distributor_takes_over_a_dead_distributors_range(cluster):
+    """Entries hashed in place (as CUDA tensors are) get host copies only when data moves. Here the
+    one range goes to the first distributor; the second has nothing to send and stages nothing,
+    until the first dies mid-transfer (a slow link keeps the transfer in flight) and the master
+    hands its range over: the second must stage then, and the receiver end bit-identical."""
+    pytest.importorskip("torch", reason="torch is an optional extra; CI installs it")
+    w = [["w", "float32", 2 << 20, 1, 0]]   # 8 MiB: one range, from one distributor
+    with WanEmulator(3, "rtt=2ms,rate=40mbit") as wan:
+        c = cluster(listen=f"{wan.host_ip(0)}:0", prefix=wan.exec_prefix(0))
+        common = dict(backend="torch", hash_in_place=True)
+        first = c.peer("sync", index=0, tensors=w, script=[["join", 3], ["sync", {}], ["hold", 60]],
+                       prefix=wan.exec_prefix(0), **common)
+        first.wait_event(lambda e: e.get("event") == "connected", timeout=JOIN_TIMEOUT_S)
+        second = c.peer("sync", index=1, tensors=w, script=[["join", 3], ["sync", {}], ["sync", {}], ["hold", 0.5]],
+                        prefix=wan.exec_prefix(1), **common)
+        second.wait_event(lambda e: e.get("event") == "connected", timeout=JOIN_TIMEOUT_S)
+        receiver = c.peer("sync", index=2, tensors=[["w", "float32", 2 << 20, 9, 0]],
+                          script=[["join", 3], ["report_receiving", "w"], ["sync", {}], ["sync", {}], ["hold", 0.5]],
+                          prefix=wan.exec_prefix(2), **common)
+        receiver.wait_event(lambda e: e.get("event") == "receiving", timeout=JOIN_TIMEOUT_S)
+        first.kill()
+        for p in (second, receiver):
+            p.finish(timeout=120)
+    got, kept = synced(receiver, 0), synced(second, 0)
+    print(f"\nreceiver's first sync: ok={got['ok']} rx={got.get('rx')} {got.get('message', '')}; "
+          f"second distributor: tx={kept.get('tx')} staged={kept['staged']}")
+    assert synced(receiver, 1)["ok"] and synced(receiver, 1)["digests"] == synced(second, 1)["digests"]
+    if got["ok"]:  # the range was handed over in the same call: the idle distributor had to stage
+        assert got["digests"] == kept["digests"]
+        assert kept["tx"] > 0 and kept["staged"] == 1, kept
+    else:
+        assert got["result"] == "RANK_CONNECTION_LOST", got
+
+
+def synced(proc, index: int) -> dict:
+    return [e for e in proc.events if e.get("event") == "synced"][index]
