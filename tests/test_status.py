@@ -128,8 +128,10 @@ def op_begin(tag: int, count: int = 10) -> bytes:
     return frame(6, struct.pack("<QQBBBB", tag, count, 10, 0, 0, 0))  # float32 SUM
 
 
-def op_end(tag: int, uid: int, ok: bool, reason: bytes = b"", tx: int = 0, rx: int = 0) -> bytes:
-    return frame(7, struct.pack("<QQBQ", tag, uid, int(ok), 0) + wire_string(reason) + struct.pack("<QQ", tx, rx))
+def op_end(tag: int, uid: int, ok: bool, reason: bytes = b"", tx: int = 0, rx: int = 0, suspect: int = 0,
+           silent: bool = False) -> bytes:
+    return frame(7, struct.pack("<QQBQ", tag, uid, int(ok), suspect) + wire_string(reason)
+                 + struct.pack("<QQB", tx, rx, int(silent)))
 
 
 # ------------------------------------------------------------------ tests
@@ -488,4 +490,56 @@ def test_optimize_topology_survives_probers_that_never_report():
         s = wait_status(c, lambda s: len(s["dropped"]) == 1, "the liar dropped")
         assert s["dropped"][0]["cause"] == "protocol_violation" and "bandwidth probe" in s["dropped"][0]["reason"]
         for p in (a, b, d):
+            p.close()
+
+
+def ring_of_raw_peers(c: Cluster, n: int) -> list[RawPeer]:
+    """n raw peers admitted one by one into one ring (ids 1..n)."""
+    peers = [RawPeer(c.port)]
+    peers[0].await_frame("TOPOLOGY")
+    peers[0].send(p2p_ready(1))
+    for k in range(1, n):
+        peers.append(RawPeer(c.port))
+        wait_status(c, lambda s: group(s, 0)["pending"] == [k + 1], f"peer {k + 1} pending")
+        for p in peers[:-1]:
+            p.send(frame(3))                   # every member votes update_topology
+        epoch = wait_status(c, lambda s: s["topology_round_active"], "the admission round")["epoch"]
+        for p in peers:
+            p.send(p2p_ready(epoch))
+        wait_status(c, lambda s: s["world_size"] == k + 1 and not s["topology_round_active"], f"a ring of {k + 1}")
+    return peers
+
+
+def run_op(c: Cluster, peers: list[RawPeer], tag: int) -> int:
+    for p in peers:
+        p.send(op_begin(tag))
+    s = wait_status(c, lambda s: s["ops_in_flight"] and s["ops_in_flight"][0]["state"] == "running", f"op {tag}")
+    return s["ops_in_flight"][0]["uid"]
+
+
+def test_silent_ring_neighbour_is_dropped_and_a_repeat_reporter_is_dropped_itself():
+    """A failed op whose reporter got nothing from a peer that still talks to the master: that peer
+    is dropped (its heartbeats alone would keep every op failing). A reporter that names a second
+    silent neighbour soon after is the likelier culprit and is dropped itself."""
+    with Cluster(status_port=0) as c:
+        a, b, x, y = ring_of_raw_peers(c, 4)                  # ids 1, 2, 3, 4
+        uid = run_op(c, [a, b, x, y], 5)
+        b.send(op_end(5, uid, False, reason=b"nothing from previous peer 1", suspect=1, silent=True))
+        s = wait_status(c, lambda s: s["dropped"], "the silent suspect dropped")
+        d = s["dropped"][0]
+        assert d["id"] == 1 and d["cause"] == "silent_to_neighbour" and "peer 2" in d["reason"], d
+        a.await_frame("KICKED")
+        # A report without the silence flag (a plain failure) drops nobody.
+        uid = run_op(c, [b, x, y], 6)
+        x.send(op_end(6, uid, False, reason=b"connection reset", suspect=2))
+        s = wait_status(c, lambda s: s["counters"]["ops_failed"] == 2, "the plain failure")
+        assert len(s["dropped"]) == 1 and s["world_size"] == 3
+        # b reports a second silent neighbour within the window: b goes, not the one it names.
+        uid = run_op(c, [b, x, y], 7)
+        b.send(op_end(7, uid, False, reason=b"nothing from previous peer 4", suspect=4, silent=True))
+        s = wait_status(c, lambda s: len(s["dropped"]) == 2, "the repeat reporter dropped")
+        d = s["dropped"][0]
+        assert d["id"] == 2 and d["cause"] == "silent_to_neighbour" and "its own network" in d["reason"], d
+        assert sorted(group(s, 0)["ring"]) == [3, 4]
+        for p in (a, b, x, y):
             p.close()

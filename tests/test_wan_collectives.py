@@ -10,6 +10,7 @@ them through the user-space delay line. Skipped, saying why, where namespaces or
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 import sys
 
@@ -126,3 +127,35 @@ def test_unstaged_distributor_takes_over_a_dead_distributors_range(cluster):
 
 def synced(proc, index: int) -> dict:
     return [e for e in proc.events if e.get("event") == "synced"][index]
+
+
+def test_silent_data_link_with_a_live_control_link(cluster, tmp_path):
+    """Mid-run, the link between peers 0 and 1 goes silent both ways (packets dropped, no RST), yet
+    both still reach the master on host 2: no heartbeat is missed, only the ring's data path is
+    dead. The op in flight over that edge must fail by the progress deadline (never hang), the
+    master must drop a peer of the dead edge, and the other two carry on with a ring avoiding it."""
+    stop = tmp_path / "stop"
+    with WanEmulator(3, "rtt=2ms,rate=200mbit") as wan:
+        c = cluster(listen=f"{wan.host_ip(2)}:0", prefix=wan.exec_prefix(2), peer_timeout_s=2)
+        peers = [c.peer("loop", index=i, world=3, count=1 << 16, ops=10**6, max_seconds=60, stop_file=str(stop),
+                        pause=0.01, prefix=wan.exec_prefix(i)) for i in range(3)]
+        for p in peers:
+            p.wait_event(lambda e: e.get("event") == "op" and e["world"] == 3 and e["n"] >= 3, timeout=JOIN_TIMEOUT_S)
+        wan.cut([(0, 1), (1, 0)])
+        t_cut = time.time()
+        failed = peers[2].wait_event(lambda e: e.get("event") == "fail" and e["t"] > t_cut, timeout=30)
+        print(f"\nfirst failure {failed['t'] - t_cut:.1f} s after the cut: {failed['result']} ({failed['message']})")
+        assert "nothing from previous peer" in failed["message"], failed  # reported by the peer behind the cut
+        e = peers[2].wait_event(lambda e: e.get("event") == "op" and e["t"] > t_cut and e["world"] == 2, timeout=30)
+        assert e["uniform"] and e["value"] in (4.0, 5.0), e   # peer 2 (3) with peer 0 (1) or peer 1 (2)
+        survivor = 0 if e["value"] == 4.0 else 1
+        dropped = 1 - survivor
+        e = peers[survivor].wait_event(lambda e: e.get("event") == "op" and e["t"] > t_cut and e["world"] == 2,
+                                       timeout=30)
+        assert e["uniform"] and e["value"] == 3.0 + survivor + 1, e
+        kicked = peers[dropped].wait_event(lambda e: e.get("event") == "fail" and e["t"] > t_cut
+                                           and e["result"] == "MASTER_CONNECTION_FAILED", timeout=30)
+        print(f"peer {dropped} dropped: {kicked['message']}; carried on {e['t'] - t_cut:.1f} s after the cut")
+        stop.touch()
+        for p in peers:
+            p.finish(timeout=30)

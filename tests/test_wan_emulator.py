@@ -193,3 +193,39 @@ def test_loss_drops_packets(wan):
     assert 0.65 * count < received < 0.92 * count, received
     lost = next(link["lost"] for link in emulator.stats()["links"] if (link["src"], link["dst"]) == (0, 1))
     assert lost == count - received
+
+
+def udp_received(emulator: WanEmulator, src: int, dst: int, count: int) -> int:
+    sink = serve(emulator, dst, "udp-sink", str(PORT), "--idle", "1")
+    client(emulator, src, "udp-source", emulator.host_ip(dst), str(PORT), "--count", str(count), "--interval", "0.0005")
+    return result(sink)["received"]
+
+
+@needs_emulator
+def test_cut_drops_one_direction_until_healed(wan):
+    emulator = wan(3, "rtt=2ms")
+    emulator.cut([(0, 1)])
+    assert udp_received(emulator, 0, 1, 50) == 0
+    assert udp_received(emulator, 1, 0, 50) == 50   # the other direction still works
+    assert udp_received(emulator, 0, 2, 50) == 50   # and every other link
+    emulator.heal()
+    assert udp_received(emulator, 0, 1, 50) == 50
+    with pytest.raises(ValueError, match="names no pair"):
+        emulator.cut([(0, 3)])
+
+
+@needs_emulator
+def test_cut_from_the_command_line():
+    name = "clicut"
+    cli = [sys.executable, "-m", "pccl.testing.wan"]
+    subprocess.run(cli + ["up", "--hosts", "2", "--name", name], check=True, capture_output=True, timeout=60)
+    try:
+        emulator = WanEmulator.from_state(name)
+        out = subprocess.run(cli + ["cut", "--name", name, "0:1", "1:0"], check=True, capture_output=True,
+                             text=True, timeout=30).stdout
+        assert "0:1 1:0" in out
+        assert udp_received(emulator, 0, 1, 20) == 0 and udp_received(emulator, 1, 0, 20) == 0
+        subprocess.run(cli + ["cut", "--name", name], check=True, capture_output=True, timeout=30)
+        assert udp_received(emulator, 0, 1, 20) == 20
+    finally:
+        subprocess.run(cli + ["down", "--name", name], capture_output=True, timeout=60)

@@ -116,16 +116,21 @@ def tcp_source(args, deadline: float) -> None:
         t.join()
 
 
+FIRST_DATAGRAM_WAIT_S = 3.0
+
+
 def udp_sink(args) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("0.0.0.0", args.port))
         ready()
-        s.settimeout(None)
+        # The first datagram starts the count (the source starts after READY; none within
+        # FIRST_DATAGRAM_WAIT_S: a cut link, zero received)...
+        s.settimeout(max(args.idle, FIRST_DATAGRAM_WAIT_S))
         received = 0
-        s.recv(UDP_PAYLOAD)  # the first datagram starts the count...
-        received += 1
-        s.settimeout(args.idle)  # ...and a pause of --idle ends it
         try:
+            s.recv(UDP_PAYLOAD)
+            received += 1
+            s.settimeout(args.idle)  # ...and a pause of --idle ends it
             while True:
                 s.recv(UDP_PAYLOAD)
                 received += 1

@@ -16,6 +16,11 @@
 namespace pccl::client {
 
 namespace {
+// Stalled ops that did receive data fail after timeout * (1 + 1/kCascadeGraceDivisor) (see check_deadlines).
+constexpr int kCascadeGraceDivisor = 4;
+}  // namespace
+
+namespace {
 
 constexpr uint32_t kInEvents = EPOLLIN | EPOLLRDHUP;
 // One readiness event reads at most this much, so one busy connection cannot starve the others.
@@ -225,7 +230,7 @@ void DataPlane::pool_ready_changed(PeerId peer) {
     for (auto& w : waiters) w(Status::ok());
 }
 
-void DataPlane::fail_pool(PeerId peer, const Status& why) {
+void DataPlane::fail_pool(PeerId peer, const Status& why, bool silent) {
     auto it = pools_.find(peer);
     if (it == pools_.end()) return;
     Pool pool = std::move(it->second);
@@ -241,7 +246,7 @@ void DataPlane::fail_pool(PeerId peer, const Status& why) {
     std::vector<uint64_t> affected;
     for (const auto& [uid, op] : ops_)
         if (op.next == peer) affected.push_back(uid);
-    for (uint64_t uid : affected) fail_op(uid, why, peer);
+    for (uint64_t uid : affected) fail_op(uid, why, peer, silent);
 }
 
 void DataPlane::arm_out(OutConn& c) {
@@ -410,6 +415,7 @@ void DataPlane::finish_piece(InConn& c) {
     ActiveOp& op = it->second;
     op.stats.rx_bytes += wire::kDataHeaderBytes + c.h.length;
     op.last_progress = Clock::now();
+    op.received_any = true;
     OpSink sink(*this, uid, op.next, op.ring);
     op.ring->on_piece_received(sink, static_cast<wire::RingPhase>(c.h.phase), c.h.b, c.h.length);
     maybe_complete(uid);
@@ -722,26 +728,37 @@ void DataPlane::finish_sync_frame(InConn& c) {
     }
 }
 
-void DataPlane::fail_op(uint64_t uid, const Status& why, PeerId suspect) {
+void DataPlane::fail_op(uint64_t uid, const Status& why, PeerId suspect, bool silent) {
     auto it = ops_.find(uid);
     if (it == ops_.end()) return;
     // An op whose ring part is complete has all its bytes; whether it succeeded is the master's call
     // (OP_RESULT), and its statistics must survive until then. A neighbour closing its connections
     // right after its own last op is normal, not a failure of this one.
     if (it->second.ring->complete()) return;
-    events_.on_op_failed(uid, why, suspect);
+    events_.on_op_failed(uid, why, suspect, silent);
     remove_op(uid);  // in case the owner did not
 }
 
 void DataPlane::check_deadlines(Clock::time_point now, std::chrono::milliseconds timeout) {
     probe_sink_.check_deadlines(now);
-    std::vector<std::pair<uint64_t, PeerId>> stalled;
-    for (const auto& [uid, op] : ops_)
-        if (now - op.last_progress > timeout) stalled.emplace_back(uid, op.prev);
+    // A peer that got nothing at all from its previous peer in this op sits right behind the dead
+    // link or peer: it reports at the deadline, and the master drops that previous peer. Peers that
+    // did receive something may only be stalled behind it (a cascade); they wait a quarter longer,
+    // so that the first report the master sees, the one it acts on, names the right suspect.
+    std::vector<std::pair<uint64_t, PeerId>> stalled, cut_off;
+    for (const auto& [uid, op] : ops_) {
+        const auto quiet = now - op.last_progress;
+        if (!op.received_any && quiet > timeout) cut_off.emplace_back(uid, op.prev);
+        else if (quiet > timeout + timeout / kCascadeGraceDivisor) stalled.emplace_back(uid, op.prev);
+    }
+    for (auto [uid, prev] : cut_off)
+        fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "nothing from previous peer " + std::to_string(prev) +
+                                                                     " for " + std::to_string(timeout.count()) + " ms"),
+                prev, /*silent=*/true);
     for (auto [uid, prev] : stalled)
         fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "no progress for " + std::to_string(timeout.count()) +
                                                                      " ms (previous peer " + std::to_string(prev) + ")"),
-                prev);
+                prev, /*silent=*/true);
 
     std::vector<uint64_t> stalled_syncs;
     for (auto& [uid, sync] : syncs_)
@@ -757,7 +774,8 @@ void DataPlane::check_deadlines(Clock::time_point now, std::chrono::milliseconds
     for (const auto& [id, c] : out_)
         if (c->state != OutState::READY && now - c->started > limits::kP2PHandshakeDeadline) slow_pools.push_back(c->peer);
     for (PeerId peer : slow_pools)
-        fail_pool(peer, Status::error(Result::RANK_CONNECTION_FAILED, "handshake with peer " + std::to_string(peer) + " timed out"));
+        fail_pool(peer, Status::error(Result::RANK_CONNECTION_FAILED, "handshake with peer " + std::to_string(peer) + " timed out"),
+                  /*silent=*/true);
 
     std::vector<uint64_t> slow_in;
     for (const auto& [id, c] : in_)

@@ -40,7 +40,9 @@ public:
     // A receiving sync made no progress for the deadline.
     virtual void on_sync_stalled(uint64_t sync_uid, const Status& why) = 0;
     // The op can no longer finish on this ring; the data plane has already stopped touching its buffers.
-    virtual void on_op_failed(uint64_t uid, const Status& why, PeerId suspect) = 0;
+    // `silent`: the suspect sent nothing for the deadline, or could not be reached at all (no error
+    // came back): its path to this peer is dead while it may still talk to the master.
+    virtual void on_op_failed(uint64_t uid, const Status& why, PeerId suspect, bool silent) = 0;
     // All pieces received and all sends written: the op is locally complete.
     virtual void on_op_complete(uint64_t uid) = 0;
 };
@@ -132,6 +134,7 @@ private:
         PeerId next = 0;
         OpStats stats;
         Clock::time_point last_progress;
+        bool received_any = false;  // from prev, in this op
     };
     class OpSink;
     struct SyncRangeState {
@@ -163,11 +166,11 @@ private:
     void enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64_t offset, uint32_t bytes, const uint8_t* data,
                  uint64_t token);
     void pool_ready_changed(PeerId peer);
-    void fail_pool(PeerId peer, const Status& why);
+    void fail_pool(PeerId peer, const Status& why, bool silent = false);
     void close_in(uint64_t id, const std::string& why);
     bool route_header(InConn& c);
     void finish_piece(InConn& c);
-    void fail_op(uint64_t uid, const Status& why, PeerId suspect);
+    void fail_op(uint64_t uid, const Status& why, PeerId suspect, bool silent = false);
     void maybe_complete(uint64_t uid);
     void unpark_all();
 

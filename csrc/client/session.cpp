@@ -404,7 +404,7 @@ void Session::on_op_complete(uint64_t uid) {
     send_master(wire::OpEnd{h->request.tag, uid, 1, 0, "", stats.tx_bytes, stats.rx_bytes});
 }
 
-void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect) {
+void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect, bool silent) {
     auto t = tag_by_uid_.find(uid);
     if (t == tag_by_uid_.end()) return;
     auto h = ops_by_tag_.at(t->second);
@@ -412,7 +412,8 @@ void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect) {
     h->stats = data_plane_.remove_op(uid);
     h->phase = ReduceHandle::Phase::LOCAL_FAILED;
     PCCL_LOG(INFO, "peer ", my_id_.load(), ": all-reduce tag=", h->request.tag, " failed locally: ", why.message);
-    send_master(wire::OpEnd{h->request.tag, uid, 0, suspect, why.message, h->stats.tx_bytes, h->stats.rx_bytes});
+    send_master(wire::OpEnd{h->request.tag, uid, 0, suspect, why.message, h->stats.tx_bytes, h->stats.rx_bytes,
+                            static_cast<uint8_t>(silent && suspect != 0)});
 }
 
 void Session::on_result(const wire::OpResult& r) {

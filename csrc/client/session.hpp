@@ -97,7 +97,7 @@ public:
     uint64_t peer_id() const { return my_id_.load(); }
 
     // DataPlaneEvents (reactor thread)
-    void on_op_failed(uint64_t uid, const Status& why, PeerId suspect) override;
+    void on_op_failed(uint64_t uid, const Status& why, PeerId suspect, bool silent) override;
     void on_op_complete(uint64_t uid) override;
     void on_sync_received(uint64_t uid) override;
     void on_sync_stalled(uint64_t uid, const Status& why) override;

@@ -14,7 +14,8 @@ inline constexpr uint32_t kControlMagic = 0x4C434350;  // "PCCL" little endian
 inline constexpr uint32_t kDataMagic = 0x44434350;     // "PCCD" little endian
 // 2: OP_END carries the op's tx/rx byte counts (summed by the master for its status page).
 // 3: topology optimisation (VOTE_OPTIMIZE_TOPOLOGY, BANDWIDTH_PROBE/REPORT, PROBE_HELLO data frames).
-// 4: the shared-state hash is XXH3-128 over 256 KiB chunks (pccl/_hashing.py), so GPUs can compute it.
+// 4: the shared-state hash is XXH3-128 over 256 KiB chunks (pccl/_hashing.py), so GPUs can compute it;
+//    OP_END says whether its suspect went silent (the master drops such a suspect).
 inline constexpr uint16_t kProtocolVersion = 4;
 // Before HELLO a connection may send only tiny frames; a registered peer's shared-state vote lists
 // every entry (name, dtype, size, hash), so it may send up to kMaxPeerToMasterFrameBytes.
@@ -60,6 +61,8 @@ inline constexpr milliseconds kStatusHttpTimeout{5000};
 inline constexpr milliseconds kHeartbeatInterval{1000};
 // Default for the heartbeat and progress deadlines; PCCL_PEER_TIMEOUT_MS overrides it.
 inline constexpr milliseconds kDefaultPeerTimeout{10000};
+// A peer that reports two silent ring neighbours within this window is dropped itself.
+inline constexpr milliseconds kRepeatedSilenceWindow{60000};
 inline constexpr milliseconds kMinPeerTimeout{200};
 inline constexpr milliseconds kDeadlineCheckInterval{100};
 // How often a blocked caller wakes to look for Ctrl-C.

@@ -420,7 +420,10 @@ void MasterState::on_op_end(Peer& p, const wire::OpEnd& m) {
         std::string why = describe(p.id) + " failed: " + m.reason;
         if (m.blamed_peer != 0) why += " (suspect " + describe(m.blamed_peer) + ")";
         PCCL_LOG(INFO, "master: op tag=", m.tag, " uid=", m.op_uid, " fails: ", why);
+        const bool suspect_in_op = std::find(rec.participants.begin(), rec.participants.end(), m.blamed_peer) !=
+                                   rec.participants.end();
         finish_op(key, static_cast<uint8_t>(Result::RANK_CONNECTION_LOST), why);
+        if (m.suspect_silent && suspect_in_op && m.blamed_peer != p.id) on_silent_suspect(p.id, m.blamed_peer, m.reason);
         return;
     }
     rec.ended_ok.insert(p.id);
@@ -596,6 +599,29 @@ void MasterState::sync_peer_gone(uint32_t group, PeerId id) {
 
 // ---------------------------------------------------------------- dropping peers
 
+// A ring neighbour that sends nothing while it still heartbeats (a dead link between two peers
+// that both reach the master) would fail every op forever: drop it, and the survivors' ring closes
+// without that link. Only the first report of an op counts (the root, not the cascade behind it).
+// A reporter whose second such report comes within kRepeatedSilenceWindow is the likelier culprit
+// (its own inbound path is dead): it is dropped instead, so one broken peer costs at most one
+// innocent peer a rejoin.
+void MasterState::on_silent_suspect(PeerId reporter, PeerId suspect, const std::string& why) {
+    if (!peers_.contains(reporter) || !peers_.contains(suspect)) return;
+    const auto now = Clock::now();
+    auto last = silence_reported_.find(reporter);
+    if (last != silence_reported_.end() && now - last->second < limits::kRepeatedSilenceWindow) {
+        drop_peer(reporter, DropCause::SILENT_TO_NEIGHBOUR,
+                  "two ring neighbours in a row went silent towards it (the last: " + why +
+                      "); its own network is the likely cause",
+                  /*tell_peer=*/true);
+        return;
+    }
+    silence_reported_[reporter] = now;
+    drop_peer(suspect, DropCause::SILENT_TO_NEIGHBOUR,
+              "no data from it reached " + describe(reporter) + " (" + why + ") while it still talked to the master",
+              /*tell_peer=*/true);
+}
+
 void MasterState::drop_peer(PeerId id, DropCause cause, const std::string& reason, bool tell_peer) {
     auto it = peers_.find(id);
     if (it == peers_.end()) return;
@@ -615,6 +641,7 @@ void MasterState::drop_peer(PeerId id, DropCause cause, const std::string& reaso
     }
     conns_.erase(dropped.conn);
     peers_.erase(it);
+    silence_reported_.erase(id);
     std::erase(pending_order_, id);
 
     if (dropped.state == PeerState::ACCEPTED) {

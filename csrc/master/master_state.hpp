@@ -218,6 +218,9 @@ private:
     StatusCounters counters_;
     std::deque<DroppedRecord> dropped_;  // newest at the front, at most kMaxDroppedPeersRemembered
     std::optional<OpFailure> last_op_failure_;
+    // When each peer last had a suspect dropped for going silent on it (see on_silent_suspect).
+    std::map<PeerId, Clock::time_point> silence_reported_;
+    void on_silent_suspect(PeerId reporter, PeerId suspect, const std::string& why);
 };
 
 }  // namespace pccl::master

@@ -16,6 +16,7 @@ const char* to_string(DropCause cause) {
         case DropCause::PROTOCOL_VIOLATION: return "protocol_violation";
         case DropCause::LEFT: return "left";
         case DropCause::UNREACHABLE: return "unreachable";
+        case DropCause::SILENT_TO_NEIGHBOUR: return "silent_to_neighbour";
     }
     return "unknown";
 }

@@ -21,6 +21,7 @@ enum class DropCause : uint8_t {
     PROTOCOL_VIOLATION,  // a well-formed message that is not allowed in its phase
     LEFT,                // said GOODBYE
     UNREACHABLE,         // another peer reported it cannot connect to it
+    SILENT_TO_NEIGHBOUR, // its ring neighbour got no data from it for the deadline (a dead link)
 };
 const char* to_string(DropCause cause);
 

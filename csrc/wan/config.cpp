@@ -101,11 +101,29 @@ uint64_t default_flow_queue_bytes(const LinkSpec& spec) {
 const char* usage() {
     return "usage: pccl-wan-delay-line --host NETNS,TUN,IPV4 [--host ...]\n"
            "         [--default-link SPEC] [--link SRC:DST:SPEC ...] [--mtu N] [--seed N]\n"
-           "         [--config FILE]   (FILE holds more of the same tokens)\n"
+           "         [--config FILE]   (FILE holds more of the same tokens) [--cuts-file FILE]\n"
            "  SPEC: comma-separated delay_ns=, rate_bps=, loss= (fraction), queue_bytes=,\n"
            "        flow_rate_bps=, flow_queue_bytes=; absent or 0 means none (queues: 0 = one BDP)\n"
            "  Prints 'READY' once every TUN is attached; SIGUSR1 prints a STATS line; SIGTERM or\n"
-           "  SIGINT prints a final STATS line and exits.\n";
+           "  SIGINT prints a final STATS line and exits. SIGUSR2 re-reads the cuts file (one SRC:DST a\n"
+           "  line: links that drop every packet from then on) and prints 'CUTS n'.\n";
+}
+
+std::optional<std::vector<std::pair<size_t, size_t>>> parse_cuts(const std::string& text, size_t hosts,
+                                                                  std::string& error) {
+    std::vector<std::pair<size_t, size_t>> cuts;
+    for (const auto& line : split(text, '\n')) {
+        if (line.empty()) continue;
+        auto parts = split(line, ':');
+        size_t src = 0, dst = 0;
+        if (parts.size() != 2 || !parse_number(parts[0], src) || !parse_number(parts[1], dst) || src >= hosts ||
+            dst >= hosts || src == dst) {
+            error = "a cut is SRC:DST between two of the hosts, got '" + line + "'";
+            return std::nullopt;
+        }
+        cuts.push_back({src, dst});
+    }
+    return cuts;
 }
 
 std::optional<Config> parse_args(const std::vector<std::string>& argv, std::string& error) {
@@ -148,6 +166,8 @@ std::optional<Config> parse_args(const std::vector<std::string>& argv, std::stri
                 error = "--seed wants an unsigned integer";
                 return std::nullopt;
             }
+        } else if (flag == "--cuts-file") {
+            config.cuts_file = value;
         } else if (flag == "--config") {
             if (!read_config_file(value, args, error)) return std::nullopt;
         } else {

@@ -36,6 +36,9 @@ struct Config {
     std::vector<LinkSpec> links;  // hosts.size()^2, row = source, column = destination
     uint32_t mtu = kDefaultMtu;
     uint64_t seed = 1;
+    // Read again on SIGUSR2: one SRC:DST per line, the directed links that drop every packet from
+    // then on (a cut cable), replacing the previous set. Empty: no cuts can be made.
+    std::string cuts_file;
 
     const LinkSpec& link(size_t src, size_t dst) const { return links[src * hosts.size() + dst]; }
 };
@@ -47,6 +50,11 @@ inline constexpr uint64_t kMinFlowQueueBytes = 128 * 1024;
 uint64_t bdp_bytes(uint64_t rate_bps, int64_t one_way_delay_ns);
 uint64_t default_queue_bytes(const LinkSpec& spec);
 uint64_t default_flow_queue_bytes(const LinkSpec& spec);
+
+inline constexpr size_t kMaxCutsFileBytes = 1 << 20;
+// Parses a cuts file's text into directed pairs, each within [0, hosts); sets `error` otherwise.
+std::optional<std::vector<std::pair<size_t, size_t>>> parse_cuts(const std::string& text, size_t hosts,
+                                                                  std::string& error);
 
 // Parses argv (without argv[0]); returns the config or sets `error`. `--help` text is usage().
 std::optional<Config> parse_args(const std::vector<std::string>& args, std::string& error);

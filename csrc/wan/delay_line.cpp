@@ -3,6 +3,8 @@
 // runs this program, which reads every packet a host sends into its TUN, passes it through the
 // emulated link to the destination host (link_model.hpp) and writes it into that host's TUN.
 // One thread: epoll over the TUN fds, a signalfd and a timerfd armed for the next due packet.
+#include <fstream>
+#include <iterator>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
@@ -59,6 +61,7 @@ private:
     void read_host(size_t host);
     void arm_timer();
     bool handle_signal();
+    void reload_cuts();
 
     const Config& config_;
     PacketPool pool_;
@@ -78,7 +81,7 @@ bool DelayLine::start(std::string& error) {
     }
     sigset_t signals;
     sigemptyset(&signals);
-    for (int s : {SIGTERM, SIGINT, SIGUSR1}) sigaddset(&signals, s);
+    for (int s : {SIGTERM, SIGINT, SIGUSR1, SIGUSR2}) sigaddset(&signals, s);
     sigprocmask(SIG_BLOCK, &signals, nullptr);
     signal_fd_ = signalfd(-1, &signals, SFD_NONBLOCK | SFD_CLOEXEC);
     timer_fd_ = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
@@ -135,12 +138,35 @@ void DelayLine::arm_timer() {
     armed_for_ = fire_at;
 }
 
+// Prints "CUTS n" once the set is in force (wan.py waits for it), or "CUTS error ..." and keeps
+// the previous set.
+void DelayLine::reload_cuts() {
+    std::string error = "no --cuts-file was given";
+    if (!config_.cuts_file.empty()) {
+        std::ifstream in(config_.cuts_file);
+        std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        if (!in.good() && !in.eof()) {
+            error = "cannot read " + config_.cuts_file;
+        } else if (text.size() > kMaxCutsFileBytes) {
+            error = "cuts file larger than 1 MiB";
+        } else if (auto cuts = parse_cuts(text, config_.hosts.size(), error)) {
+            network_.set_cuts(*cuts);
+            std::printf("CUTS %zu\n", cuts->size());
+            std::fflush(stdout);
+            return;
+        }
+    }
+    std::printf("CUTS error %s\n", error.c_str());
+    std::fflush(stdout);
+}
+
 // Returns false once asked to stop.
 bool DelayLine::handle_signal() {
     signalfd_siginfo info;
     bool keep_running = true;
     while (read(signal_fd_, &info, sizeof info) == sizeof info) {
         if (info.ssi_signo == SIGUSR1) print_stats("now");
+        else if (info.ssi_signo == SIGUSR2) reload_cuts();
         else keep_running = false;
     }
     return keep_running;

@@ -112,6 +112,11 @@ bool Network::lose(Link& link) {
     return uniform < link.spec.loss;
 }
 
+void Network::set_cuts(const std::vector<std::pair<size_t, size_t>>& cuts) {
+    for (auto& link : links_) link.cut = false;
+    for (auto [src, dst] : cuts) links_[src * hosts_ + dst].cut = true;
+}
+
 void Network::arrive(size_t src, Packet packet, Nanos now) {
     bool ipv4 = packet.len >= kIpv4MinHeader && (packet.data[0] >> 4) == kIpv4Version;
     auto dst = ipv4 ? host_by_ip_.find(read_be32(packet.data + 16)) : host_by_ip_.end();
@@ -120,7 +125,7 @@ void Network::arrive(size_t src, Packet packet, Nanos now) {
         return drop(packet);
     }
     Link& link = links_[src * hosts_ + dst->second];
-    if (lose(link)) {
+    if (link.cut || lose(link)) {
         ++link.stats.lost;
         return drop(packet);
     }

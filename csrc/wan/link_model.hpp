@@ -78,6 +78,9 @@ public:
     std::optional<Nanos> next_due() const;
 
     const LinkStats& link_stats(size_t src, size_t dst) const { return links_[src * hosts_ + dst].stats; }
+    // A cut link drops every packet that arrives for it (counted as lost); packets already on
+    // their way are still delivered.
+    void set_cuts(const std::vector<std::pair<size_t, size_t>>& cuts);
     uint64_t unroutable() const { return unroutable_; }
 
 private:
@@ -90,6 +93,7 @@ private:
         std::deque<Packet> in_flight;  // serialising or propagating, due = delivery time
         std::unordered_map<FlowKey, Flow, FlowKeyHash> flows;  // only flows with queued packets
         uint64_t rng_state = 0;
+        bool cut = false;
         LinkStats stats;
     };
     struct Flow {

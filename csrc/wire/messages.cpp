@@ -64,7 +64,7 @@ void encode_payload(const Message& m, Writer& w) {
                    },
                    [&](const OpEnd& x) {
                        w.u64(x.tag); w.u64(x.op_uid); w.u8(x.ok); w.u64(x.blamed_peer); w.string(bounded(x.reason));
-                       w.u64(x.tx_bytes); w.u64(x.rx_bytes);
+                       w.u64(x.tx_bytes); w.u64(x.rx_bytes); w.u8(x.suspect_silent);
                    },
                    [&](const Goodbye&) {},
                    [&](const Welcome& x) { w.u64(x.peer_id); w.u32(x.peer_timeout_ms); },
@@ -188,7 +188,7 @@ std::optional<Message> decode_payload(uint16_t type, std::span<const uint8_t> pa
             OpEnd x;
             x.tag = r.u64(); x.op_uid = r.u64(); x.ok = r.u8(); x.blamed_peer = r.u64();
             x.reason = r.string(limits::kMaxWireStringBytes);
-            x.tx_bytes = r.u64(); x.rx_bytes = r.u64();
+            x.tx_bytes = r.u64(); x.rx_bytes = r.u64(); x.suspect_silent = r.u8();
             m = std::move(x);
             break;
         }

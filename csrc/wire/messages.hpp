@@ -90,6 +90,9 @@ struct OpEnd {
     std::string reason;
     uint64_t tx_bytes = 0;
     uint64_t rx_bytes = 0;
+    // The suspect's path to this peer went silent (no progress, or no handshake, and no error):
+    // the master drops it, since its heartbeats alone would keep it in the ring forever.
+    uint8_t suspect_silent = 0;
 };
 struct Goodbye {};
 

@@ -185,6 +185,7 @@ class WanEmulator:
         self._pid: int | None = None
         self._created: list[str] = []
         self._log = STATE_DIR / f"{self.name}.log"
+        self._cuts = STATE_DIR / f"{self.name}.cuts"
 
     # ---- addressing ----
     def netns(self, i: int) -> str:
@@ -276,7 +277,7 @@ class WanEmulator:
         argv = [str(delay_line_path()), "--mtu", str(self.mtu), "--seed", str(self.seed)]
         for i in range(self.n_hosts):
             argv += ["--host", f"{self.netns(i)},{TUN_NAME},{self.host_ip(i)}"]
-        argv += ["--default-link", self.default.delay_line_arg()]
+        argv += ["--default-link", self.default.delay_line_arg(), "--cuts-file", str(self._cuts)]
         for (src, dst), spec in sorted(self.links.items()):
             argv += ["--link", f"{src}:{dst}:{spec.delay_line_arg()}"]
         if not detach:
@@ -327,6 +328,33 @@ class WanEmulator:
             time.sleep(POLL_INTERVAL_S)
         return json.loads(lines[-1][len("STATS ") :])
 
+    def cut(self, pairs) -> None:
+        """From now on every packet on these directed links (src, dst) is dropped, as by a cut
+        cable that nobody reports: no RST, no ICMP. Replaces the previous set; ``heal()`` empties it.
+        Returns once the delay line has it in force."""
+        pairs = sorted({(int(s), int(d)) for s, d in pairs})
+        for s, d in pairs:
+            if not (0 <= s < self.n_hosts and 0 <= d < self.n_hosts) or s == d:
+                raise ValueError(f"cut {s}:{d} names no pair of the {self.n_hosts} hosts")
+        if self._pid is None:
+            raise RuntimeError("not up")
+        tmp = self._cuts.with_suffix(".tmp")
+        tmp.write_text("".join(f"{s}:{d}\n" for s, d in pairs))
+        tmp.replace(self._cuts)  # the delay line never reads half a file
+        before = len(self._log_lines("CUTS "))
+        os.kill(self._pid, signal.SIGUSR2)
+        deadline = time.monotonic() + STATS_TIMEOUT_S
+        while len(lines := self._log_lines("CUTS ")) <= before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{BINARY_NAME} did not confirm the cuts")
+            time.sleep(POLL_INTERVAL_S)
+        if lines[-1].startswith("CUTS error"):
+            raise RuntimeError(f"{BINARY_NAME}: {lines[-1]}")
+
+    def heal(self) -> None:
+        """Undoes every cut."""
+        self.cut([])
+
     def _stop_delay_line(self) -> None:
         pid, self._pid = self._pid, None
         if pid is None:
@@ -360,6 +388,7 @@ class WanEmulator:
                 delete_netns(ns)
             self._created = []
             self._log.unlink(missing_ok=True)
+            self._cuts.unlink(missing_ok=True)
             self._state_path().unlink(missing_ok=True)
 
     # ---- the command line's state file ----

@@ -40,6 +40,14 @@ def _down_all() -> None:
         log.unlink(missing_ok=True)
 
 
+def _parse_cut(text: str) -> tuple[int, int]:
+    try:
+        src, dst = text.split(":")
+        return int(src), int(dst)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a cut is SRC:DST, got '{text}'") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pccl.testing.wan", description=wan.__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--all", action="store_true", help="every emulator, and any leftover pcclwan-* namespace")
     stats = sub.add_parser("stats", help="print the delay line's counters")
     stats.add_argument("--name", required=True)
+    cut = sub.add_parser("cut", help="drop every packet on these directed links from now on (no arguments: heal)")
+    cut.add_argument("--name", required=True)
+    cut.add_argument("pairs", nargs="*", type=_parse_cut, metavar="SRC:DST")
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -87,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if args.command == "stats":
             print(json.dumps(emu.stats(), indent=1))
+        elif args.command == "cut":
+            try:
+                emu.cut(args.pairs)
+            except (RuntimeError, ValueError) as e:
+                print(f"cannot cut: {e}", file=sys.stderr)
+                return 1
+            print(f"cut: {' '.join(f'{s}:{d}' for s, d in args.pairs) or 'none (healed)'}")
         else:
             emu.down()
     return 0
