@@ -317,16 +317,21 @@ class WanEmulator:
 
     def stats(self) -> dict:
         """The delay line's counters now: per link forwarded / lost / queue_drops / flow_drops."""
+        line = self._signal_and_await(signal.SIGUSR1, "STATS ", "report its stats")
+        return json.loads(line[len("STATS ") :])
+
+    def _signal_and_await(self, signo: int, prefix: str, what: str) -> str:
+        """Signals the delay line and returns the next line it prints that starts with `prefix`."""
         if self._pid is None:
             raise RuntimeError("not up")
-        before = len(self._log_lines("STATS "))
-        os.kill(self._pid, signal.SIGUSR1)
+        before = len(self._log_lines(prefix))
+        os.kill(self._pid, signo)
         deadline = time.monotonic() + STATS_TIMEOUT_S
-        while len(lines := self._log_lines("STATS ")) <= before:
+        while len(lines := self._log_lines(prefix)) <= before:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{BINARY_NAME} did not report its stats")
+                raise RuntimeError(f"{BINARY_NAME} did not {what}")
             time.sleep(POLL_INTERVAL_S)
-        return json.loads(lines[-1][len("STATS ") :])
+        return lines[-1]
 
     def cut(self, pairs) -> None:
         """From now on every packet on these directed links (src, dst) is dropped, as by a cut
@@ -341,15 +346,9 @@ class WanEmulator:
         tmp = self._cuts.with_suffix(".tmp")
         tmp.write_text("".join(f"{s}:{d}\n" for s, d in pairs))
         tmp.replace(self._cuts)  # the delay line never reads half a file
-        before = len(self._log_lines("CUTS "))
-        os.kill(self._pid, signal.SIGUSR2)
-        deadline = time.monotonic() + STATS_TIMEOUT_S
-        while len(lines := self._log_lines("CUTS ")) <= before:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{BINARY_NAME} did not confirm the cuts")
-            time.sleep(POLL_INTERVAL_S)
-        if lines[-1].startswith("CUTS error"):
-            raise RuntimeError(f"{BINARY_NAME}: {lines[-1]}")
+        line = self._signal_and_await(signal.SIGUSR2, "CUTS ", "confirm the cuts")
+        if line.startswith("CUTS error"):
+            raise RuntimeError(f"{BINARY_NAME}: {line}")
 
     def heal(self) -> None:
         """Undoes every cut."""
