@@ -68,3 +68,7 @@ def test_cuda_tensors_hash_on_the_gpu_to_the_host_value():
     assert on_gpu == [digest_host(t.numpy()) for t in tensors]
     big = torch.randn(64 << 20, device="cuda")   # 256 MiB, many slabs
     assert digest_tensors([big]) == [digest_host(big.cpu().numpy())]
+    # The same shape again replays the captured graph: new content must still give its own hash.
+    big.add_(1.0)
+    assert digest_tensors([big]) == [digest_host(big.cpu().numpy())]
+    assert digest_tensors([t.cuda() for t in tensors]) == [digest_host(t.numpy()) for t in tensors]
