@@ -1,5 +1,7 @@
 #include "common/log.hpp"
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -45,13 +47,27 @@ Level threshold() {
 }
 
 void write(Level level, const std::string& line) {
-    static std::mutex mutex;
     using namespace std::chrono;
     const auto ms = duration_cast<milliseconds>(system_clock::now().time_since_epoch()).count();
+    char prefix[96];
+    const int n = std::snprintf(prefix, sizeof(prefix), "[pccl %lld.%03lld %s pid=%d] ", static_cast<long long>(ms / 1000),
+                                static_cast<long long>(ms % 1000), level_name(level), static_cast<int>(getpid()));
+    std::string out(prefix, n > 0 ? std::min<size_t>(static_cast<size_t>(n), sizeof(prefix) - 1) : 0);
+    out += line;
+    out += '\n';
+    // One write(2) per line, not stdio: lines of concurrent threads and processes sharing the
+    // stream never interleave, and nothing depends on the C stdio state of the host process.
+    static std::mutex mutex;
     std::lock_guard lock(mutex);
-    std::fprintf(stderr, "[pccl %lld.%03lld %s pid=%d] %s\n", static_cast<long long>(ms / 1000),
-                 static_cast<long long>(ms % 1000), level_name(level), static_cast<int>(getpid()),
-                 line.c_str());
+    const char* at = out.data();
+    size_t left = out.size();
+    while (left > 0) {
+        const ssize_t w = ::write(STDERR_FILENO, at, left);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return;  // nowhere to log to: drop the line rather than fail the caller
+        at += w;
+        left -= static_cast<size_t>(w);
+    }
 }
 
 }  // namespace pccl::log
