@@ -121,9 +121,7 @@ public:
                         return Status::error(Result::INTERNAL_ERROR, "stage() returned the wrong number of pointers");
                     for (size_t i = 0; i < host.size(); ++i) host[i] = reinterpret_cast<uint8_t*>(pointers[i]);
                     return Status::ok();
-                } catch (py::error_already_set& e) {
-                    return Status::error(Result::INTERNAL_ERROR, e.what());
-                } catch (py::cast_error& e) {
+                } catch (const std::exception& e) {  // a Python exception, or a result that is not a list of ints
                     return Status::error(Result::INTERNAL_ERROR, e.what());
                 }
             };

@@ -95,8 +95,9 @@ class Communicator:
 
     ``p2p_connection_pool_size`` is the number of TCP connections to the ring's next peer (0: the
     default, 16); one operation's bytes are striped over all of them, which is what fills a long
-    path whose every TCP flow is capped (see the README's WAN figures; on loopback 16 costs nothing). How long a silent peer is tolerated is the
-    master's setting (``MasterNode(..., peer_timeout_s=...)``), so every peer of a run agrees on it.
+    path whose every TCP flow is capped (see the README's WAN figures; on loopback 16 costs
+    nothing). How long a silent peer is tolerated is the master's setting
+    (``MasterNode(..., peer_timeout_s=...)``), so every peer of a run agrees on it.
     """
 
     def __init__(self, address: str, peer_group: int = 0, p2p_connection_pool_size: int = 0) -> None:

@@ -37,6 +37,17 @@ def _loss(text: str) -> float:
     return fraction
 
 
+# How __str__ writes each field, in the order the text form lists them.
+_TEXT_FORMS = (
+    ("rtt", lambda v: f"{v * 1e3:g}ms"),
+    ("rate", lambda v: f"{v / 1e6:g}mbit"),
+    ("loss", lambda v: f"{v * 100:g}%"),
+    ("queue", lambda v: f"{v}b"),
+    ("flow", lambda v: f"{v / 1e6:g}mbit"),
+    ("flow_queue", lambda v: f"{v}b"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class LinkSpec:
     """One direction src -> dst. Zero means "none": no delay, no rate limit, no loss, no flow cap.
@@ -91,20 +102,8 @@ class LinkSpec:
         return spec if isinstance(spec, LinkSpec) else cls.parse(spec)
 
     def __str__(self) -> str:
-        parts = []
-        if self.rtt:
-            parts.append(f"rtt={self.rtt * 1e3:g}ms")
-        if self.rate:
-            parts.append(f"rate={self.rate / 1e6:g}mbit")
-        if self.loss:
-            parts.append(f"loss={self.loss * 100:g}%")
-        if self.queue:
-            parts.append(f"queue={self.queue}b")
-        if self.flow:
-            parts.append(f"flow={self.flow / 1e6:g}mbit")
-        if self.flow_queue:
-            parts.append(f"flow_queue={self.flow_queue}b")
-        return ",".join(parts)
+        """The text form (what ``parse`` reads), fields that are zero left out."""
+        return ",".join(f"{key}={text(getattr(self, key))}" for key, text in _TEXT_FORMS if getattr(self, key))
 
     def delay_line_arg(self) -> str:
         """The same spec in the delay line's base units (see csrc/wan/config.hpp)."""
