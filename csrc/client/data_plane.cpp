@@ -16,11 +16,9 @@
 namespace pccl::client {
 
 namespace {
+
 // Stalled ops that did receive data fail after timeout * (1 + 1/kCascadeGraceDivisor) (see check_deadlines).
 constexpr int kCascadeGraceDivisor = 4;
-}  // namespace
-
-namespace {
 
 constexpr uint32_t kInEvents = EPOLLIN | EPOLLRDHUP;
 // One readiness event reads at most this much, so one busy connection cannot starve the others.
