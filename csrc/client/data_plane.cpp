@@ -12,12 +12,13 @@
 
 #include "common/limits.hpp"
 #include "common/log.hpp"
+#include "net/socket.hpp"
 
 namespace pccl::client {
 
 namespace {
 
-// Stalled ops that did receive data fail after timeout * (1 + 1/kCascadeGraceDivisor) (see check_deadlines).
+// Stalled ops without first-hand evidence fail after timeout * (1 + 1/kCascadeGraceDivisor) (see check_deadlines).
 constexpr int kCascadeGraceDivisor = 4;
 
 constexpr uint32_t kInEvents = EPOLLIN | EPOLLRDHUP;
@@ -726,37 +727,62 @@ void DataPlane::finish_sync_frame(InConn& c) {
     }
 }
 
-void DataPlane::fail_op(uint64_t uid, const Status& why, PeerId suspect, bool silent) {
+void DataPlane::fail_op(uint64_t uid, const Status& why, PeerId suspect, bool silent, bool even_if_complete) {
     auto it = ops_.find(uid);
     if (it == ops_.end()) return;
     // An op whose ring part is complete has all its bytes; whether it succeeded is the master's call
     // (OP_RESULT), and its statistics must survive until then. A neighbour closing its connections
-    // right after its own last op is normal, not a failure of this one.
-    if (it->second.ring->complete()) return;
+    // right after its own last op is normal, not a failure of this one. The exception: its last
+    // bytes never reached the next peer (see check_deadlines).
+    if (it->second.ring->complete() && !even_if_complete) return;
     events_.on_op_failed(uid, why, suspect, silent);
     remove_op(uid);  // in case the owner did not
 }
 
+bool DataPlane::forward_path_silent(PeerId next, std::chrono::milliseconds quiet) const {
+    auto pool = pools_.find(next);
+    if (pool == pools_.end()) return false;
+    for (uint64_t id : pool->second.conns) {
+        auto c = out_.find(id);
+        if (c != out_.end() && c->second->state == OutState::READY && net::send_unacknowledged_for(c->second->fd.get(), quiet))
+            return true;
+    }
+    return false;
+}
+
 void DataPlane::check_deadlines(Clock::time_point now, std::chrono::milliseconds timeout) {
     probe_sink_.check_deadlines(now);
-    // A peer that got nothing at all from its previous peer in this op sits right behind the dead
-    // link or peer: it reports at the deadline, and the master drops that previous peer. Peers that
-    // did receive something may only be stalled behind it (a cascade); they wait a quarter longer,
-    // so that the first report the master sees, the one it acts on, names the right suspect.
-    std::vector<std::pair<uint64_t, PeerId>> stalled, cut_off;
+    // In a stalled ring every peer waits on its previous peer; only the two ends of the dead link
+    // or the peers around a dead peer hold first-hand evidence, and they report at the deadline:
+    // a peer that got nothing at all from its previous peer in this op, and a peer whose data to
+    // its next peer sits unacknowledged for the deadline (the link forward is dead, even if the
+    // cut came mid-op).
+    // The master drops the suspect of the first report. Peers with neither may only be stalled
+    // behind the break (a cascade): they wait a quarter longer, so their report, naming an
+    // innocent neighbour, comes after the op was already failed by a first-hand one.
+    struct Stall { uint64_t uid; PeerId suspect; std::string why; };
+    std::vector<Stall> first_hand, cascade;
+    const std::string for_timeout = " for " + std::to_string(timeout.count()) + " ms";
     for (const auto& [uid, op] : ops_) {
         const auto quiet = now - op.last_progress;
-        if (!op.received_any && quiet > timeout) cut_off.emplace_back(uid, op.prev);
-        else if (quiet > timeout + timeout / kCascadeGraceDivisor) stalled.emplace_back(uid, op.prev);
+        // Only a quiet op pays for the TCP_INFO look. Its ACK silence, not its quiet time, times
+        // the report: writes into a large socket buffer go on for a while after a cut.
+        if (quiet <= timeout / 2) continue;
+        // A complete op still waits for the master's verdict; its last pieces were written to the
+        // kernel, not necessarily delivered, so its sender may be the only end of the break that
+        // still has an op to report on.
+        const bool complete = op.ring->complete();
+        if (!complete && !op.received_any && quiet > timeout)
+            first_hand.push_back({uid, op.prev, "nothing from previous peer " + std::to_string(op.prev) + for_timeout});
+        else if (forward_path_silent(op.next, timeout))
+            first_hand.push_back({uid, op.next, "data to next peer " + std::to_string(op.next) + " unacknowledged" + for_timeout});
+        else if (!complete && quiet > timeout + timeout / kCascadeGraceDivisor)
+            cascade.push_back({uid, op.prev, "no progress" + for_timeout + " (previous peer " + std::to_string(op.prev) + ")"});
     }
-    for (auto [uid, prev] : cut_off)
-        fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "nothing from previous peer " + std::to_string(prev) +
-                                                                     " for " + std::to_string(timeout.count()) + " ms"),
-                prev, /*silent=*/true);
-    for (auto [uid, prev] : stalled)
-        fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "no progress for " + std::to_string(timeout.count()) +
-                                                                     " ms (previous peer " + std::to_string(prev) + ")"),
-                prev, /*silent=*/true);
+    for (const auto* list : {&first_hand, &cascade})
+        for (const auto& stall : *list)
+            fail_op(stall.uid, Status::error(Result::RANK_CONNECTION_LOST, stall.why), stall.suspect, /*silent=*/true,
+                    /*even_if_complete=*/true);
 
     std::vector<uint64_t> stalled_syncs;
     for (auto& [uid, sync] : syncs_)

@@ -170,7 +170,9 @@ private:
     void close_in(uint64_t id, const std::string& why);
     bool route_header(InConn& c);
     void finish_piece(InConn& c);
-    void fail_op(uint64_t uid, const Status& why, PeerId suspect, bool silent = false);
+    void fail_op(uint64_t uid, const Status& why, PeerId suspect, bool silent = false, bool even_if_complete = false);
+    // Whether a connection to `next` holds data that no acknowledgement has covered for `quiet`.
+    bool forward_path_silent(PeerId next, std::chrono::milliseconds quiet) const;
     void maybe_complete(uint64_t uid);
     void unpark_all();
 

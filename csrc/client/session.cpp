@@ -408,7 +408,9 @@ void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect, bool
     auto t = tag_by_uid_.find(uid);
     if (t == tag_by_uid_.end()) return;
     auto h = ops_by_tag_.at(t->second);
-    if (h->phase != ReduceHandle::Phase::RUNNING) return;
+    // LOCAL_DONE: this peer's part is done, but its last bytes never reached the next peer; the
+    // master counted this peer's bytes with its first OP_END and now fails the op for everyone.
+    if (h->phase != ReduceHandle::Phase::RUNNING && h->phase != ReduceHandle::Phase::LOCAL_DONE) return;
     h->stats = data_plane_.remove_op(uid);
     h->phase = ReduceHandle::Phase::LOCAL_FAILED;
     PCCL_LOG(INFO, "peer ", my_id_.load(), ": all-reduce tag=", h->request.tag, " failed locally: ", why.message);

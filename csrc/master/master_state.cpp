@@ -599,7 +599,7 @@ void MasterState::sync_peer_gone(uint32_t group, PeerId id) {
 
 // ---------------------------------------------------------------- dropping peers
 
-// A ring neighbour that sends nothing while it still heartbeats (a dead link between two peers
+// A ring neighbour whose link with the reporter went silent while it still heartbeats (a dead link between two peers
 // that both reach the master) would fail every op forever: drop it, and the survivors' ring closes
 // without that link. Only the first report of an op counts (the root, not the cascade behind it).
 // A reporter whose second such report comes within kRepeatedSilenceWindow is the likelier culprit
@@ -618,7 +618,7 @@ void MasterState::on_silent_suspect(PeerId reporter, PeerId suspect, const std::
     }
     silence_reported_[reporter] = now;
     drop_peer(suspect, DropCause::SILENT_TO_NEIGHBOUR,
-              "no data from it reached " + describe(reporter) + " (" + why + ") while it still talked to the master",
+              "its ring link with " + describe(reporter) + " went silent (" + why + ") while it still talked to the master",
               /*tell_peer=*/true);
 }
 

@@ -61,6 +61,13 @@ void tune_data_socket(int fd) {
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes));
 }
 
+bool send_unacknowledged_for(int fd, std::chrono::milliseconds quiet) {
+    tcp_info info{};
+    socklen_t len = sizeof(info);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0) return false;
+    return info.tcpi_unacked > 0 && info.tcpi_last_ack_recv >= quiet.count();
+}
+
 Status listen_on(const Endpoint& at, int backlog, Fd& out) {
     Fd fd(::socket(at.family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
     if (!fd.valid()) return Status::error(Result::INTERNAL_ERROR, "socket(): " + errno_text(errno));
