@@ -474,7 +474,8 @@ class _CountStaging:
 
 
 def scenario_sync(spec: dict[str, Any]) -> None:
-    """Runs a script of steps: ["join", n], ["sync", {options}], ["hold", seconds].
+    """Runs a script of steps: ["join", n], ["sync", {options}], ["hold", seconds], ["mark", event]
+    (reports that event), ["wait_for", path] (until that file exists, at most a minute).
 
     Tensors: spec["tensors"] = [[name, dtype, count, seed, allow_content_inequality], ...]; a sync
     step may re-seed some of them first ({"reseed": {name: seed}}), push or set the revision, and
@@ -509,6 +510,14 @@ def scenario_sync(spec: dict[str, Any]) -> None:
             join(comm, arg)
         elif step == "hold":
             time.sleep(arg)
+        elif step == "mark":
+            emit(event=arg)
+        elif step == "wait_for":
+            deadline = time.monotonic() + 60
+            while not os.path.exists(arg):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{arg} did not appear")
+                time.sleep(0.02)
         elif step == "sync":
             for name, seed in arg.get("reseed", {}).items():
                 fresh = make_tensor(dict((n, d) for n, d, *_ in spec["tensors"])[name], len(tensors[name]), seed, backend)

@@ -51,10 +51,10 @@ def test_pool_1_and_pool_8_agree_bit_for_bit_over_an_emulated_link(cluster):
           f"pool 1 {busbw[1]:.0f} Mbit/s, pool 8 {busbw[8]:.0f} Mbit/s (bus bandwidth)")
 
 
-def status(wan: WanEmulator, url: str) -> dict:
-    """The master's status JSON, fetched from inside host 0's namespace (the only way to reach it)."""
+def status(wan: WanEmulator, url: str, host: int = 0) -> dict:
+    """The master's status JSON, fetched from inside a host's namespace (the only way to reach it)."""
     fetch = f"import urllib.request,sys; sys.stdout.write(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
-    out = subprocess.run(wan.exec_prefix(0) + [sys.executable, "-c", fetch], capture_output=True, text=True,
+    out = subprocess.run(wan.exec_prefix(host) + [sys.executable, "-c", fetch], capture_output=True, text=True,
                          timeout=30, check=True)
     return json.loads(out.stdout)
 
@@ -168,3 +168,34 @@ def test_silent_data_link_with_a_live_control_link(cluster, tmp_path, count):
         stop.touch()
         for p in peers:
             p.finish(timeout=30)
+
+
+def test_sync_routes_around_a_silent_distributor_link(cluster, tmp_path):
+    """The link between distributor 0 and the stale peer 2 goes silent both ways while every peer
+    still reaches the master (on host 1): failing the sync would fail every retry the same way. The
+    stale peer reports its missing range at the progress deadline, the master hands it to
+    distributor 1, and the same sync call succeeds bit for bit; the next sync moves nothing."""
+    go = tmp_path / "go"
+    fresh = [["w", "float32", 4 << 20, 1, 0]]  # 16 MiB: two 8 MiB ranges, one per distributor
+    with WanEmulator(3, "rtt=2ms,rate=400mbit") as wan:
+        c = cluster(listen=f"{wan.host_ip(1)}:0", prefix=wan.exec_prefix(1), peer_timeout_s=2, status_port=0)
+        script = [["join", 3], ["mark", "joined"], ["wait_for", str(go)], ["sync", {}], ["sync", {}], ["hold", 0.5]]
+        peers = [c.peer("sync", index=i, tensors=fresh if i < 2 else [["w", "float32", 4 << 20, 9, 0]],
+                        script=script, prefix=wan.exec_prefix(i)) for i in range(3)]
+        for p in peers:
+            p.wait_event(lambda e: e.get("event") == "joined", timeout=JOIN_TIMEOUT_S)
+        wan.cut([(0, 2), (2, 0)])
+        go.touch()
+        for p in peers:
+            p.finish(timeout=90)
+        s = status(wan, f"http://{wan.host_ip(1)}:{c.status_port}/status.json", host=1)
+    got, kept = synced(peers[2], 0), synced(peers[1], 0)
+    print(f"\nstale peer's sync across a silent link: ok={got['ok']} in {got.get('seconds', 0):.1f} s, "
+          f"rx={got.get('rx')}; distributor 1 tx={kept.get('tx')}; ranges reassigned "
+          f"{s['counters']['sync_ranges_reassigned']}")
+    assert got["ok"], got
+    assert got["digests"] == kept["digests"] == synced(peers[0], 0)["digests"]
+    assert s["counters"]["sync_ranges_reassigned"] >= 1 and s["counters"]["syncs_failed"] == 0, s["counters"]
+    assert kept["tx"] >= 16 << 20, kept  # distributor 1 sent both ranges
+    again = synced(peers[2], 1)
+    assert again["ok"] and again["rx"] == 0 and again["digests"] == got["digests"], again

@@ -790,9 +790,15 @@ void DataPlane::check_deadlines(Clock::time_point now, std::chrono::milliseconds
             stalled_syncs.push_back(uid);
             sync.last_progress = now;  // report once per deadline
         }
-    for (uint64_t uid : stalled_syncs)
-        events_.on_sync_stalled(uid, Status::error(Result::RANK_CONNECTION_LOST, "no shared-state data for " +
-                                                                                  std::to_string(timeout.count()) + " ms"));
+    for (uint64_t uid : stalled_syncs) {
+        std::vector<wire::SyncRange> missing;
+        for (const auto& r : syncs_.at(uid).ranges)
+            if (r.missing > 0) missing.push_back(r.range);
+        events_.on_sync_stalled(uid,
+                                Status::error(Result::RANK_CONNECTION_LOST,
+                                              "no shared-state data for " + std::to_string(timeout.count()) + " ms"),
+                                std::move(missing));
+    }
 
     std::vector<PeerId> slow_pools;
     for (const auto& [id, c] : out_)

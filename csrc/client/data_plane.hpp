@@ -37,8 +37,9 @@ public:
     virtual ~DataPlaneEvents() = default;
     // Every planned range of a shared-state sync arrived (hashes not checked yet).
     virtual void on_sync_received(uint64_t sync_uid) = 0;
-    // A receiving sync made no progress for the deadline.
-    virtual void on_sync_stalled(uint64_t sync_uid, const Status& why) = 0;
+    // A receiving sync made no progress for the deadline; `missing`: its planned ranges (peer = the
+    // distributor first named) that have not fully arrived.
+    virtual void on_sync_stalled(uint64_t sync_uid, const Status& why, std::vector<wire::SyncRange> missing) = 0;
     // The op can no longer finish on this ring; the data plane has already stopped touching its buffers.
     // `silent`: the suspect sent nothing for the deadline, or could not be reached at all (no error
     // came back): its path to this peer is dead while it may still talk to the master.

@@ -612,9 +612,13 @@ void Session::on_sync_received(uint64_t uid) {
     sync_->changed.notify_all();
 }
 
-void Session::on_sync_stalled(uint64_t uid, const Status& why) {
+void Session::on_sync_stalled(uint64_t uid, const Status& why, std::vector<wire::SyncRange> missing) {
     if (!sync_ || sync_->uid != uid) return;
-    send_master(wire::SyncResult{uid, 0, why.message});
+    // The master hands what is missing to other distributors (or fails the sync if none may send it).
+    PCCL_LOG(INFO, "peer ", my_id_.load(), ": shared-state sync ", uid, ": ", why.message, "; ", missing.size(),
+             " range(s) missing");
+    if (missing.empty()) send_master(wire::SyncResult{uid, 0, why.message});
+    else send_master(wire::SyncStalled{uid, std::move(missing)});
 }
 
 void Session::finish_sync(Status status, uint64_t revision) {

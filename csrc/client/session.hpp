@@ -100,7 +100,7 @@ public:
     void on_op_failed(uint64_t uid, const Status& why, PeerId suspect, bool silent) override;
     void on_op_complete(uint64_t uid) override;
     void on_sync_received(uint64_t uid) override;
-    void on_sync_stalled(uint64_t uid, const Status& why) override;
+    void on_sync_stalled(uint64_t uid, const Status& why, std::vector<wire::SyncRange> missing) override;
 
 private:
     enum class CallKind { CONNECT, UPDATE_TOPOLOGY, OPTIMIZE_TOPOLOGY, PEERS_PENDING };

@@ -16,7 +16,8 @@ inline constexpr uint32_t kDataMagic = 0x44434350;     // "PCCD" little endian
 // 3: topology optimisation (VOTE_OPTIMIZE_TOPOLOGY, BANDWIDTH_PROBE/REPORT, PROBE_HELLO data frames).
 // 4: the shared-state hash is XXH3-128 over 256 KiB chunks (pccl/_hashing.py), so GPUs can compute it;
 //    OP_END says whether its suspect went silent (the master drops such a suspect).
-inline constexpr uint16_t kProtocolVersion = 4;
+// 5: SYNC_STALLED (a receiver's missing ranges go to other distributors in the same sync).
+inline constexpr uint16_t kProtocolVersion = 5;
 // Before HELLO a connection may send only tiny frames; a registered peer's shared-state vote lists
 // every entry (name, dtype, size, hash), so it may send up to kMaxPeerToMasterFrameBytes.
 inline constexpr uint32_t kMaxUnregisteredFrameBytes = 64 * 1024;

@@ -1,7 +1,10 @@
 #include "master/master_state.hpp"
 
 #include <algorithm>
+#include <map>
+#include <set>
 #include <sstream>
+#include <tuple>
 
 #include "common/limits.hpp"
 #include "common/log.hpp"
@@ -92,6 +95,7 @@ void MasterState::handle_peer_message(Peer& p, wire::Message&& m, Clock::time_po
                    [&](wire::OpEnd& x) { on_op_end(p, x); },
                    [&](wire::SyncVote& x) { on_sync_vote(p, std::move(x)); },
                    [&](wire::SyncResult& x) { on_sync_result(p, x); },
+                   [&](wire::SyncStalled& x) { on_sync_stalled(p, x); },
                    [&](auto& other) {
                        violation(p, std::string("sent a message only the master may send (") +
                                         wire::type_name(wire::type_of(wire::Message(other))) + ")");
@@ -535,6 +539,52 @@ void MasterState::on_sync_result(Peer& p, const wire::SyncResult& m) {
     if (!m.ok) return finish_sync(p.group, Result::RANK_CONNECTION_LOST, describe(p.id) + ": " + m.reason);
     round.receivers_pending.erase(p.id);
     if (round.receivers_pending.empty()) finish_sync(p.group, Result::SUCCESS, "");
+}
+
+// A receiver got nothing for the deadline. Its distributors may be alive yet unable to reach it (a
+// dead link between two peers that both reach the master), so failing the sync would fail every
+// retry the same way: the ranges it still misses go to distributors that have not gone silent
+// towards it, in this same sync. Ranges that arrive twice are harmless (every distributor holds
+// the same bytes). Only when no other distributor may send them does the sync fail.
+void MasterState::on_sync_stalled(Peer& p, const wire::SyncStalled& m) {
+    auto it = syncs_.find(p.group);
+    if (it == syncs_.end() || !it->second.planned || it->second.uid != m.sync_uid) return;  // a late report
+    SyncRound& round = it->second;
+    if (!round.receivers_pending.contains(p.id)) return;
+    // Who was asked for each range of this receiver (one pass; the report is checked against it,
+    // so a report costs the master no more than the plan did).
+    std::map<std::tuple<uint32_t, uint64_t, uint64_t>, std::vector<PeerId>> asked;
+    for (const auto& [distributor, per_receiver] : round.assigned)
+        if (auto owed = per_receiver.find(p.id); owed != per_receiver.end())
+            for (const auto& a : owed->second) asked[{a.entry, a.offset, a.length}].push_back(distributor);
+    if (m.missing.size() > asked.size()) return violation(p, "reported more stalled shared-state ranges than it was planned");
+    // Whoever was asked for a missing range is silent towards this receiver: nothing came for the deadline.
+    std::set<PeerId>& silent = round.silent_towards[p.id];
+    std::set<std::tuple<uint32_t, uint64_t, uint64_t>> seen;
+    std::vector<wire::SyncRange> missing;
+    for (const auto& r : m.missing) {
+        const auto key = std::make_tuple(r.entry, r.offset, r.length);
+        auto who = asked.find(key);
+        if (who == asked.end()) return violation(p, "reported a stalled shared-state range it was never sent");
+        silent.insert(who->second.begin(), who->second.end());
+        if (seen.insert(key).second) missing.push_back({r.entry, r.offset, r.length, p.id});
+    }
+    if (missing.empty()) return;
+    std::vector<PeerId> others;
+    for (PeerId d : round.distributors)
+        if (!silent.contains(d)) others.push_back(d);
+    std::vector<wire::SyncRange> unplaced;
+    const auto moved = reassign_ranges({{p.id, missing}}, others, round.pinned, unplaced);
+    if (!unplaced.empty())
+        return finish_sync(p.group, Result::RANK_CONNECTION_LOST,
+                           describe(p.id) + " received nothing for the deadline and no other peer may send what it misses");
+    for (const auto& [distributor, ranges] : moved) {
+        for (const auto& r : ranges) round.assigned[distributor][r.peer].push_back(r);
+        send_to(distributor, wire::SyncSendMore{round.uid, ranges});
+    }
+    ++counters_.sync_ranges_reassigned;
+    PCCL_LOG(INFO, "master: sync ", round.uid, ": ", describe(p.id), " received nothing for the deadline; ", missing.size(),
+             " range(s) go to ", moved.size(), " other distributor(s)");
 }
 
 void MasterState::finish_sync(uint32_t group, Result result, const std::string& message) {

@@ -107,6 +107,7 @@ private:
         std::vector<PeerId> distributors;
         std::map<PeerId, std::map<PeerId, std::vector<wire::SyncRange>>> assigned;  // distributor -> receiver
         std::map<uint32_t, uint64_t> pinned;
+        std::map<PeerId, std::set<PeerId>> silent_towards;  // receiver -> distributors that sent it nothing
     };
 
     // Topology optimisation: rounds of bandwidth probes between peers of a group, then the widest
@@ -150,6 +151,7 @@ private:
     void on_op_end(Peer& p, const wire::OpEnd& m);
     void on_sync_vote(Peer& p, wire::SyncVote&& m);
     void on_sync_result(Peer& p, const wire::SyncResult& m);
+    void on_sync_stalled(Peer& p, const wire::SyncStalled& m);
     void check_sync(uint32_t group);
     void finish_sync(uint32_t group, Result result, const std::string& message);
     void sync_peer_gone(uint32_t group, PeerId id);

@@ -232,6 +232,7 @@ std::string render_status_json(const StatusSnapshot& s) {
     j.key("syncs_planned").u64(c.syncs_planned);
     j.key("syncs_completed").u64(c.syncs_completed);
     j.key("syncs_failed").u64(c.syncs_failed);
+    j.key("sync_ranges_reassigned").u64(c.sync_ranges_reassigned);
     j.key("sync_bytes_planned").u64(c.sync_bytes_planned);
     j.key("topology_optimizations").u64(c.topology_optimizations);
     j.key("topology_reorders").u64(c.topology_reorders);

@@ -94,6 +94,7 @@ struct StatusCounters {
     uint64_t syncs_planned = 0;
     uint64_t syncs_completed = 0;
     uint64_t syncs_failed = 0;
+    uint64_t sync_ranges_reassigned = 0;  // SYNC_STALLED reports answered with other distributors
     uint64_t sync_bytes_planned = 0;  // bytes the plans told stale peers to receive
     uint64_t topology_optimizations = 0;  // optimize_topology() rounds started
     uint64_t topology_reorders = 0;       // ... of which changed some group's ring

@@ -99,6 +99,7 @@ void encode_payload(const Message& m, Writer& w) {
                        put_ranges(w, x.send);
                    },
                    [&](const SyncSendMore& x) { w.u64(x.sync_uid); put_ranges(w, x.send); },
+                   [&](const SyncStalled& x) { w.u64(x.sync_uid); put_ranges(w, x.missing); },
                    [&](const SyncDone& x) {
                        w.u64(x.sync_uid); w.u8(x.result); w.string(bounded(x.message)); w.u64(x.revision);
                    },
@@ -120,6 +121,7 @@ MsgType type_of(const Message& m) {
         MsgType::WELCOME, MsgType::TOPOLOGY, MsgType::TOPOLOGY_COMPLETE, MsgType::PEERS_PENDING_ANSWER,
         MsgType::OP_GO,   MsgType::OP_RESULT, MsgType::KICKED, MsgType::MASTER_HEARTBEAT,
         MsgType::SYNC_VOTE, MsgType::SYNC_RESULT, MsgType::SYNC_PLAN, MsgType::SYNC_SEND_MORE, MsgType::SYNC_DONE,
+        MsgType::SYNC_STALLED,
         MsgType::VOTE_OPTIMIZE_TOPOLOGY, MsgType::BANDWIDTH_PROBE, MsgType::BANDWIDTH_REPORT,
     };
     static_assert(std::size(kTypes) == std::variant_size_v<Message>);
@@ -148,6 +150,7 @@ const char* type_name(MsgType t) {
         case MsgType::SYNC_RESULT: return "SYNC_RESULT";
         case MsgType::SYNC_PLAN: return "SYNC_PLAN";
         case MsgType::SYNC_SEND_MORE: return "SYNC_SEND_MORE";
+        case MsgType::SYNC_STALLED: return "SYNC_STALLED";
         case MsgType::SYNC_DONE: return "SYNC_DONE";
         case MsgType::VOTE_OPTIMIZE_TOPOLOGY: return "VOTE_OPTIMIZE_TOPOLOGY";
         case MsgType::BANDWIDTH_PROBE: return "BANDWIDTH_PROBE";
@@ -254,6 +257,7 @@ std::optional<Message> decode_payload(uint16_t type, std::span<const uint8_t> pa
             break;
         }
         case MsgType::SYNC_SEND_MORE: { SyncSendMore x; x.sync_uid = r.u64(); x.send = get_ranges(r); m = std::move(x); break; }
+        case MsgType::SYNC_STALLED: { SyncStalled x; x.sync_uid = r.u64(); x.missing = get_ranges(r); m = std::move(x); break; }
         case MsgType::SYNC_DONE: {
             SyncDone x;
             x.sync_uid = r.u64(); x.result = r.u8(); x.message = r.string(limits::kMaxWireStringBytes); x.revision = r.u64();

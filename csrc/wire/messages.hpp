@@ -38,6 +38,7 @@ enum class MsgType : uint16_t {
     // shared-state sync, peer -> master
     SYNC_VOTE = 100,
     SYNC_RESULT = 101,
+    SYNC_STALLED = 102,
     // shared-state sync, master -> peer
     SYNC_PLAN = 110,
     SYNC_SEND_MORE = 111,
@@ -144,6 +145,9 @@ struct SyncPlan {
     std::vector<SyncRange> send;      // ranges this peer sends (peer = receiver)
 };
 struct SyncSendMore { uint64_t sync_uid = 0; std::vector<SyncRange> send; };
+// Peer -> master: nothing arrived for the progress deadline while these planned ranges (peer = the
+// distributor first named for them) are still missing; the master hands them to other distributors.
+struct SyncStalled { uint64_t sync_uid = 0; std::vector<SyncRange> missing; };
 struct SyncDone { uint64_t sync_uid = 0; uint8_t result = 0; std::string message; uint64_t revision = 0; };
 
 // optimize_topology(): an update_topology vote that also asks for a bandwidth-aware ring.
@@ -162,6 +166,7 @@ struct BandwidthReport {
 using Message = std::variant<Hello, Heartbeat, VoteUpdateTopology, P2PReady, VotePeersPending, OpBegin, OpEnd,
                              Goodbye, Welcome, Topology, TopologyComplete, PeersPendingAnswer, OpGo, OpResult,
                              Kicked, MasterHeartbeat, SyncVote, SyncResult, SyncPlan, SyncSendMore, SyncDone,
+                             SyncStalled,
                              VoteOptimizeTopology, BandwidthProbe, BandwidthReport>;
 
 MsgType type_of(const Message& m);
