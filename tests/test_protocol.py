@@ -33,6 +33,11 @@ def test_round_trip_of_every_field():
     assert frames[2] == ("TOPOLOGY", {"epoch": 9, "peers": [(1, 0, 1000), (2, 1, 2000)]})
 
 
+def test_sync_stalled_frame_decodes():
+    one_range = struct.pack("<IQQQ", 0, 8 << 20, 8 << 20, 2)
+    assert codec.decode(frame(102, struct.pack("<QI", 5, 1) + one_range), LIMIT) == [("SYNC_STALLED", {})]
+
+
 def test_truncated_frames_wait_for_more_bytes():
     raw = codec.encode_op_begin(1, 2, 3, 4)
     for cut in range(len(raw)):
@@ -48,6 +53,8 @@ def test_truncated_frames_wait_for_more_bytes():
     (frame(7, struct.pack("<QQBQI", 1, 1, 1, 0, 0)), "malformed"),  # OP_END without its byte counts (version 1)
     (frame(999, b""), "unknown"),                # unknown message type
     (frame(65, struct.pack("<QBI", 1, 0, 0xFFFFFFFF)), "malformed"),  # topology claims 4G peers
+    (frame(102, struct.pack("<QI", 1, 1 << 20)), "malformed"),  # SYNC_STALLED claims ranges it does not carry
+    (frame(102, struct.pack("<QI", 1, 1) + b"\0" * 27), "malformed"),  # a range one byte short
 ])
 def test_malformed_frames_are_rejected(bad, needle):
     with pytest.raises(ValueError, match=needle):
@@ -126,4 +133,31 @@ def test_master_drops_a_peer_that_violates_the_protocol_and_carries_on(cluster):
             pass
     names = [name for name, _ in codec.decode(data, 1 << 24)]
     assert names[0] == "WELCOME" and "KICKED" in names, names
+    assert c.master_alive()
+
+
+def test_master_ignores_a_stalled_report_for_no_sync_and_carries_on(cluster):
+    """SYNC_STALLED about a sync that is not running (a late report) changes nothing: the peer stays
+    registered, and a normal run goes through the same master."""
+    c = cluster()
+    with socket.create_connection(("127.0.0.1", c.port), timeout=5) as s:
+        s.sendall(codec.encode_hello(0, 1))
+        s.sendall(frame(102, struct.pack("<QI", 77, 1) + struct.pack("<IQQQ", 0, 0, 8, 1)))
+        data, deadline = b"", time.monotonic() + 2.0  # well within the peer timeout (no heartbeats sent)
+        s.settimeout(0.2)
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                break
+            data += chunk
+        names = [name for name, _ in codec.decode(data, 1 << 24)]
+        assert names and names[0] == "WELCOME" and "KICKED" not in names, names
+    p = c.peer("loop", index=0, world=2, count=4, ops=2)
+    q = c.peer("loop", index=1, world=2, count=4, ops=2)
+    for proc in (p, q):
+        ops = [e for e in proc.finish(timeout=60) if e.get("event") == "op"]
+        assert len(ops) == 2 and all(e["value"] == 3.0 for e in ops), ops
     assert c.master_alive()
