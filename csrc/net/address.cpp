@@ -27,9 +27,14 @@ std::string Endpoint::host_string() const {
 }
 
 std::string Endpoint::to_string() const {
-    if (family() == AF_INET) return host_string() + ":" + std::to_string(port());
-    if (family() == AF_INET6) return "[" + host_string() + "]:" + std::to_string(port());
-    return "?";
+    if (family() != AF_INET && family() != AF_INET6) return "?";
+    // Appended piece by piece: GCC 12's -Wrestrict misfires on "[" + std::string + "]:" chains.
+    std::string out;
+    if (family() == AF_INET6) out += '[';
+    out += host_string();
+    out += family() == AF_INET6 ? "]:" : ":";
+    out += std::to_string(port());
+    return out;
 }
 
 wire::IpAddress Endpoint::ip() const {
