@@ -264,6 +264,11 @@ PYBIND11_MODULE(_core, m) {
                         py::list peers;
                         for (auto& p : x.peers) peers.append(py::make_tuple(p.peer_id, p.group, p.p2p_port));
                         fields["peers"] = peers;
+                    } else if constexpr (std::is_same_v<T, wire::SyncStalled>) {
+                        fields["sync_uid"] = x.sync_uid;
+                        py::list missing;
+                        for (auto& r : x.missing) missing.append(py::make_tuple(r.entry, r.offset, r.length, r.peer));
+                        fields["missing"] = missing;
                     }
                 },
                 *msg);

@@ -34,8 +34,9 @@ def test_round_trip_of_every_field():
 
 
 def test_sync_stalled_frame_decodes():
-    one_range = struct.pack("<IQQQ", 0, 8 << 20, 8 << 20, 2)
-    assert codec.decode(frame(102, struct.pack("<QI", 5, 1) + one_range), LIMIT) == [("SYNC_STALLED", {})]
+    ranges = struct.pack("<IQQQ", 3, 8 << 20, 8 << 20, 2) + struct.pack("<IQQQ", 4, 0, 100, 7)
+    assert codec.decode(frame(102, struct.pack("<QI", 5, 2) + ranges), LIMIT) == [
+        ("SYNC_STALLED", {"sync_uid": 5, "missing": [(3, 8 << 20, 8 << 20, 2), (4, 0, 100, 7)]})]
 
 
 def test_truncated_frames_wait_for_more_bytes():

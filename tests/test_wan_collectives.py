@@ -142,7 +142,9 @@ def test_silent_data_link_with_a_live_control_link(cluster, tmp_path, count):
     break too), and the other two carry on with a ring avoiding it."""
     stop = tmp_path / "stop"
     with WanEmulator(3, "rtt=2ms,rate=200mbit") as wan:
-        c = cluster(listen=f"{wan.host_ip(2)}:0", prefix=wan.exec_prefix(2), peer_timeout_s=2)
+        # 3 s: first-hand reports come at the deadline, cascade ones 0.75 s later; a starved CI
+        # runner's late deadline check must not close that gap.
+        c = cluster(listen=f"{wan.host_ip(2)}:0", prefix=wan.exec_prefix(2), peer_timeout_s=3)
         peers = [c.peer("loop", index=i, world=3, count=count, ops=10**6, max_seconds=60, stop_file=str(stop),
                         pause=0.01, prefix=wan.exec_prefix(i)) for i in range(3)]
         for p in peers:

@@ -27,6 +27,8 @@ inline constexpr uint32_t kMaxSyncEntries = 1u << 20;
 inline constexpr uint32_t kMaxSyncRanges = 1u << 22;
 // The master's topology message lists every peer (~40 bytes each): 16 MiB covers 400k peers.
 inline constexpr uint32_t kMaxMasterToPeerFrameBytes = 16 * 1024 * 1024;
+// A receiver's SYNC_STALLED lists a subset of the ranges its SYNC_PLAN listed, so it always fits.
+static_assert(kMaxPeerToMasterFrameBytes >= kMaxMasterToPeerFrameBytes);
 inline constexpr uint32_t kMaxWireStringBytes = 4096;
 inline constexpr uint32_t kMaxPeersInTopology = 100000;
 // One data piece: bounds the receiver's trust in a header's length field.

@@ -551,6 +551,14 @@ void MasterState::on_sync_stalled(Peer& p, const wire::SyncStalled& m) {
     if (it == syncs_.end() || !it->second.planned || it->second.uid != m.sync_uid) return;  // a late report
     SyncRound& round = it->second;
     if (!round.receivers_pending.contains(p.id)) return;
+    if (m.missing.empty()) return violation(p, "reported a stalled shared-state sync without the ranges it misses");
+    // An honest receiver reports once per deadline: more often is ignored, so reports cost the
+    // master a bounded amount of work whatever a peer sends.
+    const auto now = Clock::now();
+    if (auto last = round.last_stall_report.find(p.id);
+        last != round.last_stall_report.end() && now - last->second < peer_timeout_ / 2)
+        return;
+    round.last_stall_report[p.id] = now;
     // Who was asked for each range of this receiver (one pass; the report is checked against it,
     // so a report costs the master no more than the plan did).
     std::map<std::tuple<uint32_t, uint64_t, uint64_t>, std::vector<PeerId>> asked;
@@ -560,6 +568,7 @@ void MasterState::on_sync_stalled(Peer& p, const wire::SyncStalled& m) {
     if (m.missing.size() > asked.size()) return violation(p, "reported more stalled shared-state ranges than it was planned");
     // Whoever was asked for a missing range is silent towards this receiver: nothing came for the deadline.
     std::set<PeerId>& silent = round.silent_towards[p.id];
+    const size_t silent_before = silent.size();
     std::set<std::tuple<uint32_t, uint64_t, uint64_t>> seen;
     std::vector<wire::SyncRange> missing;
     for (const auto& r : m.missing) {
@@ -569,7 +578,9 @@ void MasterState::on_sync_stalled(Peer& p, const wire::SyncStalled& m) {
         silent.insert(who->second.begin(), who->second.end());
         if (seen.insert(key).second) missing.push_back({r.entry, r.offset, r.length, p.id});
     }
-    if (missing.empty()) return;
+    // Every range goes only to distributors not yet silent towards this receiver, so an honest
+    // report always names a new one; one that does not would only make them resend.
+    if (silent.size() == silent_before) return;
     std::vector<PeerId> others;
     for (PeerId d : round.distributors)
         if (!silent.contains(d)) others.push_back(d);
@@ -626,8 +637,17 @@ void MasterState::sync_peer_gone(uint32_t group, PeerId id) {
                 if (round.receivers_pending.contains(receiver)) orphaned[receiver] = ranges;
             round.assigned.erase(a);
         }
+        // Per receiver: never to a distributor already known to be silent towards it.
         std::vector<wire::SyncRange> unplaced;
-        const auto moved = reassign_ranges(orphaned, round.distributors, round.pinned, unplaced);
+        std::map<PeerId, std::vector<wire::SyncRange>> moved;
+        for (const auto& [receiver, ranges] : orphaned) {
+            const auto& silent = round.silent_towards[receiver];
+            std::vector<PeerId> usable;
+            for (PeerId d : round.distributors)
+                if (!silent.contains(d)) usable.push_back(d);
+            for (auto& [distributor, more] : reassign_ranges({{receiver, ranges}}, usable, round.pinned, unplaced))
+                moved[distributor].insert(moved[distributor].end(), more.begin(), more.end());
+        }
         if (!unplaced.empty())
             return finish_sync(group, Result::RANK_CONNECTION_LOST,
                                describe(id) + " left mid-transfer and no other peer holds what it was sending");

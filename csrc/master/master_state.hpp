@@ -108,6 +108,7 @@ private:
         std::map<PeerId, std::map<PeerId, std::vector<wire::SyncRange>>> assigned;  // distributor -> receiver
         std::map<uint32_t, uint64_t> pinned;
         std::map<PeerId, std::set<PeerId>> silent_towards;  // receiver -> distributors that sent it nothing
+        std::map<PeerId, Clock::time_point> last_stall_report;  // receiver -> its last SYNC_STALLED
     };
 
     // Topology optimisation: rounds of bandwidth probes between peers of a group, then the widest

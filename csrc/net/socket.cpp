@@ -65,7 +65,10 @@ bool send_unacknowledged_for(int fd, std::chrono::milliseconds quiet) {
     tcp_info info{};
     socklen_t len = sizeof(info);
     if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0) return false;
-    return info.tcpi_unacked > 0 && info.tcpi_last_ack_recv >= quiet.count();
+    // tcpi_last_ack_recv alone would misfire on a burst after an idle spell (no ACK can have come
+    // yet); a retransmission timeout that fired without an ACK since is what a dead path shows.
+    return info.tcpi_unacked > 0 && info.tcpi_last_ack_recv >= quiet.count() &&
+           (info.tcpi_retransmits > 0 || info.tcpi_backoff > 0);
 }
 
 Status listen_on(const Endpoint& at, int backlog, Fd& out) {

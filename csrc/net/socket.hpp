@@ -47,9 +47,9 @@ void set_nonblocking(int fd);
 void tune_control_socket(int fd);
 // As above plus large buffers for the data path.
 void tune_data_socket(int fd);
-// Whether bytes sent on this TCP socket wait for an acknowledgement and none has arrived for
-// `quiet`: the path to the other end is dead (a live receiver's kernel acknowledges even when its
-// process is stopped or its buffer is full, the latter through zero-window probes).
+// Whether bytes sent on this TCP socket wait for an acknowledgement, none has arrived for `quiet`,
+// and a retransmission timeout fired meanwhile: the path to the other end is dead (a live
+// receiver's kernel acknowledges even when its process is stopped or its buffer is full).
 bool send_unacknowledged_for(int fd, std::chrono::milliseconds quiet);
 
 }  // namespace pccl::net
