@@ -241,9 +241,14 @@ PYBIND11_MODULE(_core, m) {
         wire::encode_frame(t, out);
         return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
     });
+    auto ranges_list = [](const std::vector<wire::SyncRange>& ranges) {
+        py::list out;
+        for (const auto& r : ranges) out.append(py::make_tuple(r.entry, r.offset, r.length, r.peer));
+        return out;
+    };
     // Splits a byte string into frames and describes each: (type name, fields as a dict).
     // Raises ValueError with the parser's message on the first malformed frame.
-    codec.def("decode", [](py::bytes data, uint32_t max_payload) {
+    codec.def("decode", [ranges_list](py::bytes data, uint32_t max_payload) {
         std::string raw = data;
         wire::FrameParser parser(max_payload);
         auto space = parser.write_space(raw.size());
@@ -266,9 +271,16 @@ PYBIND11_MODULE(_core, m) {
                         fields["peers"] = peers;
                     } else if constexpr (std::is_same_v<T, wire::SyncStalled>) {
                         fields["sync_uid"] = x.sync_uid;
-                        py::list missing;
-                        for (auto& r : x.missing) missing.append(py::make_tuple(r.entry, r.offset, r.length, r.peer));
-                        fields["missing"] = missing;
+                        fields["missing"] = ranges_list(x.missing);
+                    } else if constexpr (std::is_same_v<T, wire::SyncPlan>) {
+                        fields["sync_uid"] = x.sync_uid; fields["result"] = x.result;
+                        fields["receive"] = ranges_list(x.receive);
+                        fields["send"] = ranges_list(x.send);
+                    } else if constexpr (std::is_same_v<T, wire::SyncSendMore>) {
+                        fields["sync_uid"] = x.sync_uid;
+                        fields["send"] = ranges_list(x.send);
+                    } else if constexpr (std::is_same_v<T, wire::SyncDone>) {
+                        fields["sync_uid"] = x.sync_uid; fields["result"] = x.result; fields["message"] = x.message;
                     }
                 },
                 *msg);

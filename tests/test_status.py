@@ -543,3 +543,59 @@ def test_silent_ring_neighbour_is_dropped_and_a_repeat_reporter_is_dropped_itsel
         assert sorted(group(s, 0)["ring"]) == [3, 4]
         for p in (a, b, x, y):
             p.close()
+
+
+def sync_vote(content: bytes, count: int = 4 << 20) -> bytes:
+    """SYNC_VOTE at revision 0, ENFORCE_POPULAR, one float32 entry "w" whose hash is `content`."""
+    entry = wire_string(b"w") + struct.pack("<BQ", 10, count) + content.ljust(16, b"\0")[:16] + b"\0"
+    return frame(100, struct.pack("<QBI", 0, 0, 1) + entry)
+
+
+def sync_stalled(uid: int, ranges: list[tuple[int, int, int, int]]) -> bytes:
+    return frame(102, struct.pack("<QI", uid, len(ranges)) + b"".join(struct.pack("<IQQQ", *r) for r in ranges))
+
+
+def last(peer: RawPeer, name: str) -> dict[str, Any]:
+    return [fields for n, fields in peer.seen if n == name][-1]
+
+
+def test_sync_stalled_reports_move_ranges_are_bounded_and_checked():
+    """A receiver's SYNC_STALLED moves the ranges it misses to distributors that have not gone
+    silent towards it; a repeat within half the deadline is ignored; once every distributor went
+    silent the sync fails for all; a report naming a range never planned is a protocol violation."""
+    with Cluster(status_port=0, peer_timeout_s=6.0) as c:
+        a, b, x = ring_of_raw_peers(c, 3)                                  # ids 1, 2, 3
+        everyone = (a, b, x)
+        for p, content in ((a, b"popular"), (b, b"popular"), (x, b"stale")):
+            p.send(sync_vote(content))
+        for p in everyone:
+            p.await_frame("SYNC_PLAN")
+        plan = last(x, "SYNC_PLAN")
+        uid, ranges = plan["sync_uid"], plan["receive"]
+        assert len(ranges) == 2 and {r[3] for r in ranges} == {1, 2}, plan  # 16 MiB: 8 MiB from each
+        first, other = ranges[0], (b if ranges[0][3] == 1 else a)
+        x.send(sync_stalled(uid, [first]))
+        other.await_frame("SYNC_SEND_MORE")
+        assert last(other, "SYNC_SEND_MORE") == {"sync_uid": uid, "send": [(first[0], first[1], first[2], 3)]}
+        x.send(sync_stalled(uid, [first]))                                 # too soon: ignored
+        time.sleep(0.5)
+        s = wait_status(c, lambda s: s["counters"]["sync_ranges_reassigned"] == 1, "one reassignment")
+        assert s["counters"]["syncs_failed"] == 0
+        for _ in range(4):                                                  # half the deadline passes
+            for p in everyone:
+                p.send(frame(2))
+            time.sleep(0.9)
+        x.send(sync_stalled(uid, [first]))      # the second distributor went silent too: nobody is left
+        for p in everyone:
+            p.await_frame("SYNC_DONE")
+        done = last(x, "SYNC_DONE")
+        assert done["result"] == 8 and "received nothing" in done["message"], done   # RANK_CONNECTION_LOST
+        for p, content in ((a, b"popular"), (b, b"popular"), (x, b"stale")):
+            p.send(sync_vote(content))
+        x.await_frame("SYNC_PLAN", count=2)
+        x.send(sync_stalled(last(x, "SYNC_PLAN")["sync_uid"], [(0, 123, 8, 1)]))
+        x.await_frame("KICKED")
+        s = wait_status(c, lambda s: s["dropped"], "the violator dropped")
+        assert s["dropped"][0]["id"] == 3 and "never sent" in s["dropped"][0]["reason"], s["dropped"]
+        for p in everyone:
+            p.close()
