@@ -599,3 +599,39 @@ def test_sync_stalled_reports_move_ranges_are_bounded_and_checked():
         assert s["dropped"][0]["id"] == 3 and "never sent" in s["dropped"][0]["reason"], s["dropped"]
         for p in everyone:
             p.close()
+
+
+def p2p_unreachable(epoch: int, peer: int) -> bytes:
+    return frame(4, struct.pack("<QQ", epoch, peer))
+
+
+def test_a_newcomer_that_cannot_reach_a_member_is_dropped_not_the_member():
+    """A newcomer whose path to a ring member is broken (its firewall, say) must not evict that
+    healthy member on every join attempt: the newcomer goes. A member that cannot reach a newcomer
+    drops the newcomer too; the ring of members carries on either way."""
+    with Cluster(status_port=0) as c:
+        a, b = ring_of_raw_peers(c, 2)                                   # ids 1, 2
+        for newcomer_id, reporter_is_newcomer in ((3, True), (4, False)):
+            n = RawPeer(c.port)
+            wait_status(c, lambda s: group(s, 0)["pending"] == [newcomer_id], f"peer {newcomer_id} pending")
+            for p in (a, b):
+                p.send(frame(3))
+            epoch = wait_status(c, lambda s: s["topology_round_active"], "the admission round")["epoch"]
+            if reporter_is_newcomer:
+                n.send(p2p_unreachable(epoch, 1))
+            else:
+                b.send(p2p_unreachable(epoch, newcomer_id))
+            n.await_frame("KICKED")
+            s = wait_status(c, lambda s: len(s["dropped"]) == newcomer_id - 2, f"peer {newcomer_id} dropped")
+            d = s["dropped"][0]
+            assert d["id"] == newcomer_id and d["cause"] == "unreachable", d
+            if reporter_is_newcomer:
+                assert "cannot reach ring member peer 1" in d["reason"], d
+            epoch = wait_status(c, lambda s: s["topology_round_active"] and sorted(group(s, 0)["ring"]) == [1, 2],
+                                "the round without the newcomer")["epoch"]
+            for p in (a, b):
+                p.send(p2p_ready(epoch))
+            wait_status(c, lambda s: s["world_size"] == 2 and not s["topology_round_active"], "the ring of 2 again")
+            n.close()
+        for p in (a, b):
+            p.close()

@@ -156,6 +156,7 @@ void MasterState::start_admission_round() {
     for (PeerId id : pending_order_) {
         Peer& p = peers_.at(id);
         p.state = PeerState::ACCEPTED;
+        p.admitted_epoch = epoch_ + 1;  // the epoch this round opens
         insert_newcomer(id);
         PCCL_LOG(INFO, "master: admitting ", describe(id));
     }
@@ -223,10 +224,23 @@ void MasterState::on_p2p_ready(Peer& p, const wire::P2PReady& m) {
     if (p.state != PeerState::ACCEPTED || !round_active_) return violation(p, "sent P2P_READY outside a topology round");
     if (m.epoch != epoch_) return;  // confirms a ring that has since changed; a newer TOPOLOGY is on its way
     if (m.unreachable_peer != 0) {
-        if (peers_.contains(m.unreachable_peer) && m.unreachable_peer != p.id) {
-            PCCL_LOG(WARN, "master: ", describe(p.id), " cannot reach ", describe(m.unreachable_peer), "; dropping the latter");
-            drop_peer(m.unreachable_peer, DropCause::UNREACHABLE, "unreachable from " + describe(p.id), /*tell_peer=*/true);
+        auto target = peers_.find(m.unreachable_peer);
+        if (target == peers_.end() || m.unreachable_peer == p.id) return;
+        // A newcomer that cannot reach a member of the running ring (its own firewall, a path it
+        // lacks) goes, not the member: otherwise every join attempt of a badly connected peer
+        // would evict a healthy one. Otherwise the unreachable peer goes (it may be dead).
+        const bool reporter_is_new = p.admitted_epoch == epoch_;
+        const bool target_is_new = target->second.admitted_epoch == epoch_;
+        if (reporter_is_new && !target_is_new) {
+            PCCL_LOG(WARN, "master: newcomer ", describe(p.id), " cannot reach ", describe(m.unreachable_peer),
+                     "; dropping the newcomer");
+            drop_peer(p.id, DropCause::UNREACHABLE,
+                      "cannot reach ring member " + describe(m.unreachable_peer) + "; check that its p2p port is reachable from here",
+                      /*tell_peer=*/true);
+            return;
         }
+        PCCL_LOG(WARN, "master: ", describe(p.id), " cannot reach ", describe(m.unreachable_peer), "; dropping the latter");
+        drop_peer(m.unreachable_peer, DropCause::UNREACHABLE, "unreachable from " + describe(p.id), /*tell_peer=*/true);
         return;
     }
     p.confirmed_epoch = m.epoch;

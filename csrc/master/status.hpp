@@ -20,7 +20,7 @@ enum class DropCause : uint8_t {
     TIMEOUT,             // nothing heard from it for the peer timeout (hung or cut off)
     PROTOCOL_VIOLATION,  // a well-formed message that is not allowed in its phase
     LEFT,                // said GOODBYE
-    UNREACHABLE,         // another peer reported it cannot connect to it
+    UNREACHABLE,         // another peer reported it cannot connect to it, or, a newcomer, it cannot connect to a member
     SILENT_TO_NEIGHBOUR, // its ring neighbour got no data from it for the deadline (a dead link)
 };
 const char* to_string(DropCause cause);
