@@ -156,7 +156,7 @@ void MasterState::start_admission_round() {
     for (PeerId id : pending_order_) {
         Peer& p = peers_.at(id);
         p.state = PeerState::ACCEPTED;
-        p.admitted_epoch = epoch_ + 1;  // the epoch this round opens
+        p.joining = true;
         insert_newcomer(id);
         PCCL_LOG(INFO, "master: admitting ", describe(id));
     }
@@ -229,8 +229,8 @@ void MasterState::on_p2p_ready(Peer& p, const wire::P2PReady& m) {
         // A newcomer that cannot reach a member of the running ring (its own firewall, a path it
         // lacks) goes, not the member: otherwise every join attempt of a badly connected peer
         // would evict a healthy one. Otherwise the unreachable peer goes (it may be dead).
-        const bool reporter_is_new = p.admitted_epoch == epoch_;
-        const bool target_is_new = target->second.admitted_epoch == epoch_;
+        const bool reporter_is_new = p.joining;
+        const bool target_is_new = target->second.joining;
         if (reporter_is_new && !target_is_new) {
             PCCL_LOG(WARN, "master: newcomer ", describe(p.id), " cannot reach ", describe(m.unreachable_peer),
                      "; dropping the newcomer");
@@ -252,6 +252,7 @@ void MasterState::check_round_complete() {
     for (PeerId id : ring_)
         if (peers_.at(id).confirmed_epoch != epoch_) return;
     round_active_ = false;
+    for (PeerId id : ring_) peers_.at(id).joining = false;
     PCCL_LOG(INFO, "master: topology epoch ", epoch_, " complete with ", ring_.size(), " peers");
     if (optimize_after_round_) {
         // The newcomers are connected; now measure what is unknown and choose the ring.
