@@ -116,6 +116,24 @@ class RawPeer:
                 whole, self.buf = self.buf[:HEADER.size + length], self.buf[HEADER.size + length:]
                 self.seen += codec.decode(whole, 1 << 24)
 
+    def drain(self, seconds: float) -> list[str]:
+        """Reads whatever arrives for `seconds`; the names of all frames seen so far."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            self.buf += chunk
+            while len(self.buf) >= HEADER.size and len(self.buf) >= HEADER.size + HEADER.unpack_from(self.buf)[3]:
+                n = HEADER.size + HEADER.unpack_from(self.buf)[3]
+                whole, self.buf = self.buf[:n], self.buf[n:]
+                self.seen += codec.decode(whole, 1 << 24)
+        return [n for n, _ in self.seen]
+
     def close(self) -> None:
         self.sock.close()
 
@@ -578,7 +596,7 @@ def test_sync_stalled_reports_move_ranges_are_bounded_and_checked():
         other.await_frame("SYNC_SEND_MORE")
         assert last(other, "SYNC_SEND_MORE") == {"sync_uid": uid, "send": [(first[0], first[1], first[2], 3)]}
         x.send(sync_stalled(uid, [first]))                                 # too soon: ignored
-        time.sleep(0.5)
+        assert "SYNC_DONE" not in x.drain(0.5)   # honoured, it would fail the sync (nobody left for it)
         s = wait_status(c, lambda s: s["counters"]["sync_ranges_reassigned"] == 1, "one reassignment")
         assert s["counters"]["syncs_failed"] == 0
         for _ in range(4):                                                  # half the deadline passes
@@ -633,5 +651,33 @@ def test_a_newcomer_that_cannot_reach_a_member_is_dropped_not_the_member():
                 p.send(p2p_ready(epoch))
             wait_status(c, lambda s: s["world_size"] == 2 and not s["topology_round_active"], "the ring of 2 again")
             n.close()
+        # Two newcomers; one vanishes mid-round (the epoch moves on, the round goes on): the other,
+        # still joining, cannot reach member 1 and is the one dropped.
+        n5, n6 = RawPeer(c.port), RawPeer(c.port)
+        wait_status(c, lambda s: group(s, 0)["pending"] == [5, 6], "peers 5 and 6 pending")
         for p in (a, b):
+            p.send(frame(3))
+        first_epoch = wait_status(c, lambda s: s["topology_round_active"], "the admission round")["epoch"]
+        n5.close()
+        epoch = wait_status(c, lambda s: s["epoch"] > first_epoch and sorted(group(s, 0)["ring"]) == [1, 2, 6],
+                            "the round without peer 5")["epoch"]
+        n6.send(p2p_unreachable(epoch, 1))
+        n6.await_frame("KICKED")
+        wait_status(c, lambda s: [d["id"] for d in s["dropped"]][:2] == [6, 5], "peer 6 dropped, not peer 1")
+        epoch = wait_status(c, lambda s: sorted(group(s, 0)["ring"]) == [1, 2] and s["topology_round_active"],
+                            "the round of members")["epoch"]
+        for p in (a, b):
+            p.send(p2p_ready(epoch))
+        wait_status(c, lambda s: s["world_size"] == 2 and not s["topology_round_active"], "the ring of 2 once more")
+        # Naming a peer that is not one's next in the ring is a protocol violation.
+        n7 = RawPeer(c.port)
+        wait_status(c, lambda s: group(s, 0)["pending"] == [7], "peer 7 pending")
+        for p in (a, b):
+            p.send(frame(3))
+        epoch = wait_status(c, lambda s: s["topology_round_active"], "the admission round")["epoch"]
+        a.send(p2p_unreachable(epoch, 7))                                   # a's next is b
+        a.await_frame("KICKED")
+        s = wait_status(c, lambda s: s["dropped"][0]["id"] == 1, "the violator dropped")
+        assert s["dropped"][0]["cause"] == "protocol_violation", s["dropped"][0]
+        for p in (a, b, n6, n7):
             p.close()

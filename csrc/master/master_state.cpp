@@ -197,6 +197,7 @@ void MasterState::on_vote_optimize(Peer& p) {
 void MasterState::complete_update_votes() {
     for (PeerId id : ring_) {
         Peer& p = peers_.at(id);
+        p.joining = false;  // the update, an optimisation's reorder round included, is over
         p.voted_update = false;
         p.wants_optimize = false;
         send_to(id, wire::TopologyComplete{epoch_});
@@ -225,7 +226,12 @@ void MasterState::on_p2p_ready(Peer& p, const wire::P2PReady& m) {
     if (m.epoch != epoch_) return;  // confirms a ring that has since changed; a newer TOPOLOGY is on its way
     if (m.unreachable_peer != 0) {
         auto target = peers_.find(m.unreachable_peer);
-        if (target == peers_.end() || m.unreachable_peer == p.id) return;
+        if (target == peers_.end()) return;  // gone already
+        // A peer connects only to its next in its group's ring; naming anyone else is a violation.
+        const std::vector<PeerId> members = group_ring(p.group);
+        const auto at = std::find(members.begin(), members.end(), p.id);
+        if (at == members.end() || members.size() < 2 || members[(static_cast<size_t>(at - members.begin()) + 1) % members.size()] != m.unreachable_peer)
+            return violation(p, "reported a peer unreachable that is not its next in the ring");
         // A newcomer that cannot reach a member of the running ring (its own firewall, a path it
         // lacks) goes, not the member: otherwise every join attempt of a badly connected peer
         // would evict a healthy one. Otherwise the unreachable peer goes (it may be dead).
@@ -252,7 +258,6 @@ void MasterState::check_round_complete() {
     for (PeerId id : ring_)
         if (peers_.at(id).confirmed_epoch != epoch_) return;
     round_active_ = false;
-    for (PeerId id : ring_) peers_.at(id).joining = false;
     PCCL_LOG(INFO, "master: topology epoch ", epoch_, " complete with ", ring_.size(), " peers");
     if (optimize_after_round_) {
         // The newcomers are connected; now measure what is unknown and choose the ring.

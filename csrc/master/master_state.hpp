@@ -71,7 +71,7 @@ private:
         bool wants_optimize = false;  // its update vote came from optimize_topology()
         bool voted_pending = false;
         uint64_t confirmed_epoch = 0;
-        bool joining = false;  // admitted by the topology round still running
+        bool joining = false;  // admitted by the update (admission round, reorder) still running
         size_t ops_in_flight = 0;
         bool in_sync = false;  // voted in, or takes part in, a shared-state sync round
         Clock::time_point last_heard;
