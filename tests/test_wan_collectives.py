@@ -201,3 +201,31 @@ def test_sync_routes_around_a_silent_distributor_link(cluster, tmp_path):
     assert kept["tx"] >= 16 << 20, kept  # distributor 1 sent both ranges
     again = synced(peers[2], 1)
     assert again["ok"] and again["rx"] == 0 and again["digests"] == got["digests"], again
+
+
+def test_a_newcomer_that_cannot_reach_its_next_is_turned_away_and_the_ring_carries_on(cluster, tmp_path):
+    """Host 2 cannot reach host 0 (a firewall, a broken path), yet reaches the master on host 1. A
+    newcomer there is placed before member 0, cannot connect to it, and must be turned away with a
+    reason it can act on; member 0 must not be evicted for it, and the members carry on."""
+    stop = tmp_path / "stop"
+    with WanEmulator(3, "rtt=2ms,rate=200mbit") as wan:
+        c = cluster(listen=f"{wan.host_ip(1)}:0", prefix=wan.exec_prefix(1))
+        members = []
+        for i in range(2):  # in order, so the ring is member 0 -> member 1 and a newcomer goes before member 0
+            members.append(c.peer("loop", index=i, world=2, count=1 << 12, ops=10**6, max_seconds=90,
+                                  stop_file=str(stop), pause=0.02, prefix=wan.exec_prefix(i)))
+            members[-1].wait_event(lambda e: e.get("event") == "connected", timeout=JOIN_TIMEOUT_S)
+        for p in members:
+            p.wait_event(lambda e: e.get("event") == "op" and e["world"] == 2 and e["n"] >= 3, timeout=JOIN_TIMEOUT_S)
+        wan.cut([(2, 0), (0, 2)])
+        newcomer = c.peer("loop", index=2, world=3, count=1 << 12, prefix=wan.exec_prefix(2))
+        turned_away = newcomer.wait_event(lambda e: e.get("event") == "error", timeout=60)
+        t_away = time.time()
+        print(f"\nnewcomer: {turned_away['error']}")
+        assert "cannot reach ring member" in turned_away["error"], turned_away
+        for p in members:
+            p.wait_event(lambda e: e.get("event") == "op" and e["t"] > t_away and e["world"] == 2, timeout=30)
+        stop.touch()
+        for p in members:
+            events = p.finish(timeout=30)
+            assert not [e for e in events if e.get("event") == "fail"], [e for e in events if e.get("event") == "fail"]

@@ -246,7 +246,9 @@ void MasterState::on_p2p_ready(Peer& p, const wire::P2PReady& m) {
             return;
         }
         PCCL_LOG(WARN, "master: ", describe(p.id), " cannot reach ", describe(m.unreachable_peer), "; dropping the latter");
-        drop_peer(m.unreachable_peer, DropCause::UNREACHABLE, "unreachable from " + describe(p.id), /*tell_peer=*/true);
+        drop_peer(m.unreachable_peer, DropCause::UNREACHABLE,
+                  "unreachable from " + describe(p.id) + "; check that this peer's p2p port accepts connections from there",
+                  /*tell_peer=*/true);
         return;
     }
     p.confirmed_epoch = m.epoch;
