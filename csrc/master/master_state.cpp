@@ -124,6 +124,15 @@ std::string MasterState::describe(PeerId id) const {
 
 std::vector<PeerId> MasterState::accepted_ids() const { return ring_; }
 
+PeerId MasterState::next_in_group_ring(PeerId id) const {
+    auto p = peers_.find(id);
+    if (p == peers_.end()) return 0;
+    const std::vector<PeerId> members = group_ring(p->second.group);
+    const auto at = std::find(members.begin(), members.end(), id);
+    if (at == members.end() || members.size() < 2) return 0;
+    return members[(static_cast<size_t>(at - members.begin()) + 1) % members.size()];
+}
+
 std::vector<PeerId> MasterState::group_ring(uint32_t group) const {
     std::vector<PeerId> out;
     for (PeerId id : ring_)
@@ -228,9 +237,7 @@ void MasterState::on_p2p_ready(Peer& p, const wire::P2PReady& m) {
         auto target = peers_.find(m.unreachable_peer);
         if (target == peers_.end()) return;  // gone already
         // A peer connects only to its next in its group's ring; naming anyone else is a violation.
-        const std::vector<PeerId> members = group_ring(p.group);
-        const auto at = std::find(members.begin(), members.end(), p.id);
-        if (at == members.end() || members.size() < 2 || members[(static_cast<size_t>(at - members.begin()) + 1) % members.size()] != m.unreachable_peer)
+        if (next_in_group_ring(p.id) != m.unreachable_peer)
             return violation(p, "reported a peer unreachable that is not its next in the ring");
         // A newcomer that cannot reach a member of the running ring (its own firewall, a path it
         // lacks) goes, not the member: otherwise every join attempt of a badly connected peer
@@ -603,11 +610,8 @@ void MasterState::on_sync_stalled(Peer& p, const wire::SyncStalled& m) {
     // Every range goes only to distributors not yet silent towards this receiver, so an honest
     // report always names a new one; one that does not would only make them resend.
     if (silent.size() == silent_before) return;
-    std::vector<PeerId> others;
-    for (PeerId d : round.distributors)
-        if (!silent.contains(d)) others.push_back(d);
     std::vector<wire::SyncRange> unplaced;
-    const auto moved = reassign_ranges({{p.id, missing}}, others, round.pinned, unplaced);
+    const auto moved = reassign_ranges({{p.id, missing}}, usable_distributors(round, p.id), round.pinned, unplaced);
     if (!unplaced.empty())
         return finish_sync(p.group, Result::RANK_CONNECTION_LOST,
                            describe(p.id) + " received nothing for the deadline and no other peer may send what it misses");
@@ -618,6 +622,14 @@ void MasterState::on_sync_stalled(Peer& p, const wire::SyncStalled& m) {
     ++counters_.sync_ranges_reassigned;
     PCCL_LOG(INFO, "master: sync ", round.uid, ": ", describe(p.id), " received nothing for the deadline; ", missing.size(),
              " range(s) go to ", moved.size(), " other distributor(s)");
+}
+
+std::vector<PeerId> MasterState::usable_distributors(const SyncRound& round, PeerId receiver) {
+    auto silent = round.silent_towards.find(receiver);
+    std::vector<PeerId> out;
+    for (PeerId d : round.distributors)
+        if (silent == round.silent_towards.end() || !silent->second.contains(d)) out.push_back(d);
+    return out;
 }
 
 void MasterState::finish_sync(uint32_t group, Result result, const std::string& message) {
@@ -662,14 +674,10 @@ void MasterState::sync_peer_gone(uint32_t group, PeerId id) {
         // Per receiver: never to a distributor already known to be silent towards it.
         std::vector<wire::SyncRange> unplaced;
         std::map<PeerId, std::vector<wire::SyncRange>> moved;
-        for (const auto& [receiver, ranges] : orphaned) {
-            const auto& silent = round.silent_towards[receiver];
-            std::vector<PeerId> usable;
-            for (PeerId d : round.distributors)
-                if (!silent.contains(d)) usable.push_back(d);
-            for (auto& [distributor, more] : reassign_ranges({{receiver, ranges}}, usable, round.pinned, unplaced))
+        for (const auto& [receiver, ranges] : orphaned)
+            for (auto& [distributor, more] :
+                 reassign_ranges({{receiver, ranges}}, usable_distributors(round, receiver), round.pinned, unplaced))
                 moved[distributor].insert(moved[distributor].end(), more.begin(), more.end());
-        }
         if (!unplaced.empty())
             return finish_sync(group, Result::RANK_CONNECTION_LOST,
                                describe(id) + " left mid-transfer and no other peer holds what it was sending");
@@ -691,9 +699,9 @@ void MasterState::sync_peer_gone(uint32_t group, PeerId id) {
 
 // ---------------------------------------------------------------- dropping peers
 
-// A ring neighbour whose link with the reporter went silent while it still heartbeats (a dead link between two peers
-// that both reach the master) would fail every op forever: drop it, and the survivors' ring closes
-// without that link. Only the first report of an op counts (the root, not the cascade behind it).
+// A ring neighbour whose link with the reporter went silent while it still heartbeats (a dead link
+// between two peers that both reach the master) would fail every op forever: drop it, and the
+// survivors' ring closes without that link. Only the first report of an op counts (the root, not the cascade behind it).
 // A reporter whose second such report comes within kRepeatedSilenceWindow is the likelier culprit
 // (its own inbound path is dead): it is dropped instead, so one broken peer costs at most one
 // innocent peer a rejoin.

@@ -154,6 +154,8 @@ private:
     void on_sync_vote(Peer& p, wire::SyncVote&& m);
     void on_sync_result(Peer& p, const wire::SyncResult& m);
     void on_sync_stalled(Peer& p, const wire::SyncStalled& m);
+    // The round's distributors that have not gone silent towards `receiver`.
+    static std::vector<PeerId> usable_distributors(const SyncRound& round, PeerId receiver);
     void check_sync(uint32_t group);
     void finish_sync(uint32_t group, Result result, const std::string& message);
     void sync_peer_gone(uint32_t group, PeerId id);
@@ -164,6 +166,8 @@ private:
 
     std::vector<PeerId> accepted_ids() const;
     std::vector<PeerId> group_ring(uint32_t group) const;
+    // The peer `id` connects to in its group's ring; 0 when it has none.
+    PeerId next_in_group_ring(PeerId id) const;
     wire::Topology topology_message(bool needs_confirm) const;
     void broadcast_topology(bool needs_confirm);
     std::string describe(PeerId id) const;
