@@ -1,8 +1,9 @@
 // One-line-per-event logging, filtered by PCCL_LOG_LEVEL (TRACE, DEBUG, INFO, WARN, ERR, FATAL, NONE).
 #pragma once
 
-#include <sstream>
 #include <string>
+
+#include "common/text.hpp"
 
 namespace pccl::log {
 
@@ -14,9 +15,7 @@ void write(Level level, const std::string& line);
 template <typename... Args>
 void emit(Level level, const Args&... args) {
     if (level < threshold()) return;
-    std::ostringstream s;
-    (s << ... << args);
-    write(level, s.str());
+    write(level, text::concat(args...));
 }
 
 }  // namespace pccl::log

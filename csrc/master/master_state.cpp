@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <map>
 #include <set>
-#include <sstream>
 #include <tuple>
 
 #include "common/limits.hpp"
@@ -19,11 +18,9 @@ template <class... Ts>
 struct Overloaded : Ts... { using Ts::operator()...; };
 
 std::string describe_op(const wire::OpBegin& d) {
-    std::ostringstream s;
-    s << "count=" << d.count << " dtype=" << to_string(static_cast<DataType>(d.dtype))
-      << " op=" << to_string(static_cast<ReduceOp>(d.op)) << " quantization=" << int(d.quant_algorithm) << "/"
-      << int(d.quant_dtype);
-    return s.str();
+    return text::concat("count=", d.count, " dtype=", to_string(static_cast<DataType>(d.dtype)),
+                        " op=", to_string(static_cast<ReduceOp>(d.op)), " quantization=", int(d.quant_algorithm), "/",
+                        int(d.quant_dtype));
 }
 
 }  // namespace

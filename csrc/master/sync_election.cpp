@@ -1,18 +1,16 @@
 #include "master/sync_election.hpp"
 
 #include <algorithm>
-#include <sstream>
 
 #include "common/limits.hpp"
+#include "common/text.hpp"
 
 namespace pccl::master {
 
 namespace {
 
 std::string describe_entry(const wire::SyncEntry& e) {
-    std::ostringstream s;
-    s << "'" << e.name << "' " << to_string(static_cast<DataType>(e.dtype)) << "[" << e.count << "]";
-    return s.str();
+    return text::concat("'", e.name, "' ", to_string(static_cast<DataType>(e.dtype)), "[", e.count, "]");
 }
 
 // The key set as bytes, for counting and for a deterministic tie-break.
