@@ -52,5 +52,48 @@ void bind_send_queue(py::module_& m) {
         }
         return completed;
     }, py::arg("steps"));
+    // A pool of connections sharing one backlog (late binding). steps: ("push", uid, payload_bytes)
+    // queues a frame in the backlog; ("write", conn, bytes) lets connection `conn` take frames (up to
+    // the bound-ahead limit) and write that many bytes, taking more as it drains. Returns
+    // (conn, uid) for every completed frame, in order.
+    sq.def("simulate_pool", [](size_t connections, const std::vector<std::tuple<std::string, uint64_t, uint64_t>>& steps) {
+        static const std::vector<uint8_t> payload(limits::kMaxPieceBytes * 4);
+        if (connections == 0 || connections > limits::kMaxPoolSize) throw py::value_error("1 to kMaxPoolSize connections");
+        client::FairSendQueue backlog;
+        std::vector<client::FairSendQueue> conns(connections);
+        std::vector<std::pair<size_t, uint64_t>> completed;
+        std::vector<client::SendItem*> order;
+        iovec iov[limits::kMaxSendBatchIov * 2];
+        for (const auto& [kind, a, b] : steps) {
+            if (kind == "push") {
+                if (a == 0) throw py::value_error("uid 0 is reserved");
+                if (b > payload.size()) throw py::value_error("frame larger than " + std::to_string(payload.size()));
+                client::SendItem item;
+                std::memset(item.header, 0, sizeof(item.header));
+                item.data = payload.data();
+                item.length = static_cast<uint32_t>(b);
+                item.uid = a;
+                backlog.push(item);
+            } else if (kind == "write") {
+                if (a >= connections) throw py::value_error("no such connection");
+                auto& conn = conns[a];
+                size_t budget = b;
+                for (;;) {
+                    client::bind_frames(backlog, conn, limits::kBoundAheadBytes);
+                    if (budget == 0 || conn.empty()) break;
+                    const size_t n = conn.gather(iov, std::size(iov), order);
+                    size_t offered = 0;
+                    for (size_t i = 0; i < n; ++i) offered += iov[i].iov_len;
+                    const size_t took = std::min(budget, offered);
+                    conn.advance(took, order, [&](const client::SendItem& item) { completed.emplace_back(a, item.uid); });
+                    budget -= took;
+                }
+            } else {
+                throw py::value_error("unknown step '" + kind + "': use 'push' or 'write'");
+            }
+        }
+        return completed;
+    }, py::arg("connections"), py::arg("steps"));
     sq.attr("HEADER_BYTES") = wire::kDataHeaderBytes;
+    sq.attr("BOUND_AHEAD_BYTES") = limits::kBoundAheadBytes;
 }

@@ -77,3 +77,50 @@ def test_bad_steps_are_refused():
         simulate([("flush", 0, 0)])
     with pytest.raises(ValueError, match="reserved"):
         simulate([("push", 0, 10)])
+
+
+# ---- late binding: a pool's connections take frames from a shared backlog as they drain
+
+simulate_pool = _core.send_queue.simulate_pool
+
+
+def test_a_faster_connection_carries_more_of_the_op():
+    # Two connections, one draining 9x faster (the other lost packets and halved its window).
+    # Frames bound when queued would split 50/50 and the slow one would set the op's end.
+    steps = frames(1, 100) + [("write", 0, 9 * PIECE // 4), ("write", 1, PIECE // 4)] * 200
+    done = simulate_pool(2, steps)
+    assert len(done) == 100, len(done)
+    by_fast = sum(1 for conn, _ in done if conn == 0)
+    assert by_fast >= 85, by_fast
+
+
+def test_a_connection_binds_only_what_it_can_write_soon():
+    # One write of a byte binds one 512 KiB frame (more than the bound-ahead), not the backlog:
+    # the second connection then carries every other frame.
+    assert _core.send_queue.BOUND_AHEAD_BYTES < PIECE
+    steps = frames(1, 4) + [("write", 0, 1), ("write", 1, 10 * PIECE)]
+    done = simulate_pool(2, steps)
+    assert done == [(1, 1)] * 3, done
+    done = simulate_pool(2, steps + [("write", 0, 10 * PIECE)])
+    assert sorted(done) == [(0, 1)] + [(1, 1)] * 3, done
+
+
+def test_the_backlog_serves_ops_round_robin():
+    steps = frames(1, 3) + frames(2, 3) + frames(3, 1) + [("write", 0, PIECE // 3)] * 40
+    assert [uid for _, uid in simulate_pool(1, steps)] == [1, 2, 3, 1, 2, 1, 2]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_every_frame_leaves_exactly_once_whatever_the_write_pattern(seed):
+    rng = random.Random(seed)
+    steps: list[tuple[str, int, int]] = []
+    pushed = 0
+    for _ in range(400):
+        if rng.random() < 0.3:
+            steps.append(("push", rng.randint(1, 4), rng.choice([0, 1, 4096, PIECE])))
+            pushed += 1
+        else:
+            steps.append(("write", rng.randrange(4), rng.choice([1, 100, 65536, PIECE, 4 * PIECE])))
+    steps += [("write", c, 1 << 40) for c in range(4)]
+    done = simulate_pool(4, steps)
+    assert len(done) == pushed

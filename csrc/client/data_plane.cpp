@@ -197,10 +197,9 @@ void DataPlane::on_out_io(uint64_t id, uint32_t events) {
             if (c.ack_got == sizeof(c.ack)) {
                 c.state = OutState::READY;
                 ++pools_[peer].ready;
-                if (!flush(c))
+                if (!feed(c))
                     return fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST,
                                                          "connection to peer " + std::to_string(peer) + " lost"));
-                arm_out(c);
                 pool_ready_changed(peer);
                 return;
             }
@@ -214,10 +213,9 @@ void DataPlane::on_out_io(uint64_t id, uint32_t events) {
         }
     }
     if ((events & EPOLLOUT) && c.state == OutState::READY) {
-        if (!flush(c))
+        if (!feed(c))
             return fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST,
                                                  "connection to next peer " + std::to_string(peer) + " lost"));
-        arm_out(c);
     }
 }
 
@@ -265,11 +263,6 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
         op->second.ring->on_piece_sent(token);
         return;
     }
-    OutConn* best = nullptr;
-    for (uint64_t id : pit->second.conns) {
-        OutConn* c = out_.at(id).get();
-        if (!best || c->queue.bytes() < best->queue.bytes()) best = c;
-    }
     SendItem item;
     wire::DataHeader h;
     h.kind = static_cast<uint8_t>(wire::DataFrameKind::DATA);
@@ -282,17 +275,37 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
     item.length = h.length;
     item.uid = uid;
     item.token = token;
-    best->queue.push(item);
-    if (best->state == OutState::READY) {
-        if (!flush(*best)) {
+    pit->second.backlog.push(item);
+    feed_pool(next);
+}
+
+void DataPlane::feed_pool(PeerId peer) {
+    auto pit = pools_.find(peer);
+    if (pit == pools_.end()) return;
+    for (uint64_t id : pit->second.conns) {
+        if (pit->second.backlog.empty()) return;
+        OutConn& c = *out_.at(id);
+        if (c.state != OutState::READY || c.queue.bytes() >= limits::kBoundAheadBytes) continue;
+        if (!feed(c)) {
             // Never fail from inside the ring's callback chain: do it from a clean stack.
-            loop_.post([this, next] {
-                fail_pool(next, Status::error(Result::RANK_CONNECTION_LOST, "connection to next peer " + std::to_string(next) + " lost"));
+            loop_.post([this, peer] {
+                fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST, "connection to next peer " + std::to_string(peer) + " lost"));
             });
             return;
         }
-        arm_out(*best);
     }
+}
+
+bool DataPlane::feed(OutConn& c) {
+    FairSendQueue& backlog = pools_.at(c.peer).backlog;
+    for (;;) {
+        bind_frames(backlog, c.queue, limits::kBoundAheadBytes);
+        if (!flush(c)) return false;
+        // Stop once the socket is full (frames left) or nothing is left to bind.
+        if (!c.queue.empty() || backlog.empty()) break;
+    }
+    arm_out(c);
+    return true;
 }
 
 bool DataPlane::flush(OutConn& c) {
@@ -568,6 +581,7 @@ DataPlane::OpStats DataPlane::remove_op(uint64_t uid) {
     if (it == ops_.end()) return stats;
     stats = it->second.stats;
     ops_.erase(it);
+    for (auto& [peer, pool] : pools_) pool.backlog.drop_op(uid);
     for (auto& [id, c] : out_) c->queue.drop_op(uid);
     for (auto& [id, c] : in_)
         if (c->state == InState::PAYLOAD && c->h.a == uid && c->h.kind == static_cast<uint8_t>(wire::DataFrameKind::DATA))
@@ -621,11 +635,6 @@ void DataPlane::send_sync_ranges(uint64_t uid, const std::vector<wire::SyncRange
         auto pit = pools_.find(r.peer);
         if (pit == pools_.end() || pit->second.conns.empty()) continue;  // unknown peer: the master will notice
         for (uint64_t rel = 0; rel < r.length; rel += limits::kSyncFrameBytes) {
-            OutConn* best = nullptr;
-            for (uint64_t id : pit->second.conns) {
-                OutConn* c = out_.at(id).get();
-                if (!best || c->queue.bytes() < best->queue.bytes()) best = c;
-            }
             SendItem item;
             wire::DataHeader h;
             h.kind = static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA);
@@ -637,20 +646,9 @@ void DataPlane::send_sync_ranges(uint64_t uid, const std::vector<wire::SyncRange
             item.data = s.entries[r.entry].data + r.offset + rel;
             item.length = h.length;
             item.uid = sync_queue_key(uid);
-            best->queue.push(item);
+            pit->second.backlog.push(item);
         }
-        for (uint64_t id : pit->second.conns) {
-            OutConn& c = *out_.at(id);
-            if (c.state != OutState::READY) continue;
-            if (!flush(c)) {
-                const PeerId peer = r.peer;
-                loop_.post([this, peer] {
-                    fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST, "connection to peer " + std::to_string(peer) + " lost"));
-                });
-                break;
-            }
-            arm_out(c);
-        }
+        feed_pool(r.peer);
     }
 }
 
@@ -662,6 +660,7 @@ DataPlane::OpStats DataPlane::end_sync(uint64_t uid) {
         stats = it->second.stats;
         syncs_.erase(it);
     }
+    for (auto& [peer, pool] : pools_) pool.backlog.drop_op(sync_queue_key(uid));
     for (auto& [id, c] : out_) c->queue.drop_op(sync_queue_key(uid));
     for (auto& [id, c] : in_)
         if (c->state == InState::PAYLOAD && c->h.a == uid && c->h.kind == static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA))

@@ -1,8 +1,10 @@
 // The peer-to-peer transport of one communicator, run on its reactor thread: the listening socket,
 // K outgoing connections per ring neighbour (a pool), incoming connections, and the routing of data
-// frames to running operations by op uid. Pieces are striped over the pool (least queued bytes),
-// concurrent ops share each connection round-robin (FairSendQueue), pieces are written straight
-// from the caller's memory with sendmsg and read straight into the destination.
+// frames to running operations by op uid. Pieces are striped over the pool by late binding: they
+// wait in the pool's backlog until a connection has room (bind_frames), so the fastest connections
+// carry the most. Concurrent ops share the backlog and each connection round-robin (FairSendQueue);
+// pieces are written straight from the caller's memory with sendmsg and read straight into the
+// destination.
 //
 // A frame for an op this peer has not been told about yet (uid above the last OP_GO) parks its
 // connection: TCP back-pressure holds the sender until the OP_GO arrives. A frame for an op that is
@@ -110,6 +112,7 @@ private:
     };
     struct Pool {
         std::vector<uint64_t> conns;
+        FairSendQueue backlog;  // frames no connection has taken yet
         size_t ready = 0;
         std::vector<std::function<void(Status)>> waiters;
     };
@@ -163,6 +166,11 @@ private:
     void out_connected(OutConn& c);
     bool out_read_ack(OutConn& c);
     bool flush(OutConn& c);
+    // Binds backlog frames to `c` and writes until its socket is full or the backlog is empty;
+    // false when the connection failed. Leaves EPOLLOUT armed exactly while `c` holds frames.
+    bool feed(OutConn& c);
+    // Feeds every ready connection of the pool that has room, while the backlog lasts.
+    void feed_pool(PeerId peer);
     void arm_out(OutConn& c);
     void enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64_t offset, uint32_t bytes, const uint8_t* data,
                  uint64_t token);

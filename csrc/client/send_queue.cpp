@@ -73,6 +73,16 @@ void FairSendQueue::rotate_after(uint64_t uid) {
     std::rotate(rotation_.begin(), std::next(it), rotation_.end());
 }
 
+bool FairSendQueue::pop_next(SendItem& out) {
+    if (rotation_.empty()) return false;
+    const uint64_t uid = rotation_.front();
+    out = fifo_.at(uid).front();
+    bytes_ -= out.total() - out.sent;
+    retire_front(uid);
+    rotate_after(uid);  // a no-op once the op ran out of frames
+    return true;
+}
+
 void FairSendQueue::drop_op(uint64_t uid) {
     auto it = fifo_.find(uid);
     if (it == fifo_.end()) return;
@@ -87,6 +97,16 @@ void FairSendQueue::drop_op(uint64_t uid) {
     }
     fifo_.erase(it);
     rotation_.erase(std::find(rotation_.begin(), rotation_.end(), uid));
+}
+
+size_t bind_frames(FairSendQueue& backlog, FairSendQueue& conn, size_t ahead) {
+    size_t moved = 0;
+    SendItem item;
+    while (conn.bytes() < ahead && backlog.pop_next(item)) {
+        conn.push(item);
+        ++moved;
+    }
+    return moved;
 }
 
 }  // namespace pccl::client

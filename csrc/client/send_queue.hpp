@@ -41,6 +41,9 @@ public:
     void advance(size_t written, const std::vector<SendItem*>& order, OnSent&& on_sent);
     // Forgets an op's frames; a half-written one stays and is finished with zeros.
     void drop_op(uint64_t uid);
+    // Takes the next whole frame in service order (round-robin over ops) out of the queue, for a
+    // queue that is never written from (a pool's backlog). False when empty.
+    bool pop_next(SendItem& out);
 
 private:
     void retire_front(uint64_t uid);
@@ -51,6 +54,12 @@ private:
     uint64_t partial_uid_ = 0;       // op whose front frame is half written, 0 if none
     size_t bytes_ = 0;
 };
+
+// Late binding of frames to the connections of a pool: a connection takes frames from the pool's
+// shared backlog only while it holds fewer than `ahead` unwritten bytes, so a connection that the
+// network slows (a loss halves its window) carries fewer pieces instead of holding back the op's
+// end with a share fixed when the pieces were queued. Returns the number of frames moved.
+size_t bind_frames(FairSendQueue& backlog, FairSendQueue& conn, size_t ahead);
 
 template <typename OnSent>
 void FairSendQueue::advance(size_t written, const std::vector<SendItem*>& order, OnSent&& on_sent) {

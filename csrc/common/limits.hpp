@@ -89,6 +89,11 @@ inline constexpr int kSocketBufferBytes = 0;
 // sits *behind* the wire, which is what a small op would otherwise wait out after a big op's frames.
 // The fair send queue can only interleave ops while frames are still in user space.
 inline constexpr int kNotSentLowWatermarkBytes = 256 * 1024;
+// Frames wait in their pool's shared backlog and a connection takes more only while it holds fewer
+// unwritten bytes than this (late binding): the connections that drain fastest carry the most. With
+// pieces bound when queued, each of 16 connections got a fixed 1/16 of an op, and the one that a
+// loss slowed set the op's end (100 ms RTT, 1 Gbit/s emulated WAN, 256 MiB: 3.1-3.7 s data phase).
+inline constexpr size_t kBoundAheadBytes = 256 * 1024;
 
 // ---- ring ----
 // Pieces are the unit of pipelining and striping: small enough that the ring streams and every
