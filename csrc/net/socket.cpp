@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -12,6 +13,7 @@
 #include <unistd.h>
 
 #include "common/limits.hpp"
+#include "common/log.hpp"
 
 namespace pccl::net {
 
@@ -51,8 +53,29 @@ int data_notsent_lowat_bytes() {
     return bytes;
 }
 
+const std::string& data_congestion_control() {
+    static const std::string name = [] {
+        const char* env = std::getenv("PCCL_TCP_CONGESTION");
+        const std::string chosen = env ? env : limits::kDataCongestionControl;
+        return chosen == "system" ? std::string() : chosen;
+    }();
+    return name;
+}
+
 void tune_data_socket(int fd) {
     tune_control_socket(fd);
+    if (const std::string& cc = data_congestion_control(); !cc.empty()) {
+        if (setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, cc.data(), static_cast<socklen_t>(cc.size())) != 0) {
+            // Not built into this kernel, or not in net.ipv4.tcp_allowed_congestion_control for a
+            // process without CAP_NET_ADMIN: the socket keeps the system's default. Said once.
+            static std::once_flag said;
+            const int err = errno;
+            std::call_once(said, [&] {
+                PCCL_LOG(INFO, "data connections keep the system's TCP congestion control: cannot use '", cc, "' (",
+                         errno_text(err), "); set PCCL_TCP_CONGESTION=system to stop trying");
+            });
+        }
+    }
     if (int lowat = data_notsent_lowat_bytes(); lowat > 0)
         setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat));
     int bytes = data_socket_buffer_bytes();
