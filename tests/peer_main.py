@@ -190,6 +190,7 @@ def scenario_loop(spec: dict[str, Any]) -> None:
     count = spec.get("count", 1 << 20)
     index = spec["index"]
     ops, successes = spec.get("ops", 50), 0
+    x = None
     started = time.monotonic()
     last_success = time.monotonic()
     stop_file = spec.get("stop_file")
@@ -206,12 +207,16 @@ def scenario_loop(spec: dict[str, Any]) -> None:
                     break
                 time.sleep(0.05)
                 continue
-            x = np.full(count, index + 1, dtype=np.float32)
+            # A failed op leaves an in-place buffer as it was: the retry reuses it, so a result
+            # tells whether pccl restored it (a fresh buffer comes only after a success).
+            if x is None:
+                x = np.full(count, index + 1, dtype=np.float32)
             y = x if spec.get("inplace", True) else np.empty_like(x)
             if spec.get("die_mid_op_after") is not None and successes >= spec["die_mid_op_after"]:
                 die_mid_op(comm, x)
             t0 = time.time()
             info = comm.all_reduce(x, y)  # one tag: ops of a step must use the same tag on every peer
+            x = None
             successes += 1
             last_success = time.monotonic()
             emit(event="op", ok=True, world=info.local_world_size, value=float(y[0]),
