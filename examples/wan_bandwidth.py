@@ -40,7 +40,7 @@ QUANTIZATIONS = ("none", "uint8")
 PARITY_TAG = 1 << 20          # above every data tensor's tag
 PEER_START_TIMEOUT_S = 60.0   # emulated mode: how long the master may take to say its port
 POINT_TIMEOUT_S = 600.0       # emulated mode: the slowest point (pool 1, gloo) moves 256 MiB at one flow's cap
-SMOKE = dict(size="4MiB", pools=[1, 4], tensors=[1, 8], quant=["none", "uint8"], reps=1,
+SMOKE = dict(size="4MiB", pools=[1, 4], tensors=[1, 8], quant=["none", "uint8"], reps=1, warmup=0,
              emulate="rtt=4ms,rate=400mbit,flow=50mbit", world=3)
 
 
@@ -57,9 +57,10 @@ def bus_gbit(nbytes: int, world: int, seconds: float) -> float:
 
 # ------------------------------------------------------------------------------------ peer side
 
-def time_point(comm: Any, data: list, quant: str, reps: int) -> tuple[float, str, bool]:
-    """Best of `reps` all-reduces of every tensor of `data` at once; the results' digest, and whether
-    every peer ended with that same digest (its minimum and maximum over the group agree)."""
+def time_point(comm: Any, data: list, quant: str, reps: int, warmup: int) -> tuple[float, str, bool]:
+    """Best of `reps` all-reduces of every tensor of `data` at once, after `warmup` untimed ones; the
+    results' digest, and whether every peer ended with that same digest (its minimum and maximum over
+    the group agree)."""
     import numpy as np
     import xxhash
 
@@ -74,7 +75,7 @@ def time_point(comm: Any, data: list, quant: str, reps: int) -> tuple[float, str
     outs = [np.empty_like(x) for x in data]
     for out in outs:
         out.fill(0)
-    for _ in range(reps):
+    for rep in range(warmup + reps):
         start = time.perf_counter()
         handles = [comm.all_reduce_async(x, out, op=pccl.ReduceOp.SUM, tag=tag, quantization_options=options)
                    for tag, (x, out) in enumerate(zip(data, outs))]
@@ -82,7 +83,8 @@ def time_point(comm: Any, data: list, quant: str, reps: int) -> tuple[float, str
             ok, status, _ = h.wait()
             if not ok:
                 raise RuntimeError(f"all-reduce failed: {status}")
-        best = min(best, time.perf_counter() - start)
+        if rep >= warmup:
+            best = min(best, time.perf_counter() - start)
     h = xxhash.xxh3_64()
     for out in outs:
         h.update(out)
@@ -111,7 +113,7 @@ def run_peer(args: argparse.Namespace) -> list[dict]:
         for tensors in args.tensors:
             data = [np.ascontiguousarray(x) for x in np.array_split(values, tensors)]
             for quant in args.quant:
-                seconds, digest, agree = time_point(comm, data, quant, args.reps)
+                seconds, digest, agree = time_point(comm, data, quant, args.reps, args.warmup)
                 if not agree:
                     raise RuntimeError(f"peers ended pool {pool} x{tensors} {quant} with different bits")
                 point = {"kind": "point", "pool": pool, "tensors": tensors, "quant": quant, "seconds": seconds,
@@ -136,12 +138,13 @@ def run_gloo_peer(args: argparse.Namespace) -> None:
         data = [x.clone() for x in torch.tensor_split(values, tensors)]
         dist.barrier()
         best = float("inf")
-        for _ in range(args.reps):
+        for rep in range(args.warmup + args.reps):
             start = time.perf_counter()
             works = [dist.all_reduce(x, async_op=True) for x in data]
             for w in works:
                 w.wait()
-            best = min(best, time.perf_counter() - start)
+            if rep >= args.warmup:
+                best = min(best, time.perf_counter() - start)
         print(json.dumps({"kind": "point", "pool": 0, "tensors": tensors, "quant": "gloo", "seconds": best,
                           "digest": "", "world": args.world}), flush=True)
     dist.destroy_process_group()
@@ -204,6 +207,7 @@ def read_points(procs: list[subprocess.Popen], expected: int, bar: tqdm) -> list
 
 def peer_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--quiet", "--size", str(args.size), "--reps", str(args.reps),
+            "--warmup", str(args.warmup),
             "--world", str(args.world), "--pools", *map(str, args.pools), "--tensors", *map(str, args.tensors),
             "--quant", *args.quant, *extra]
 
@@ -276,7 +280,7 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
     # Both modes raise before this point when peers disagree (parity all-reduces, digests).
     print("check: every peer ended every point with the same bits: passed")
     print(f"\n{args.size / 2**20:.0f} MiB float32 SUM, {args.world} peers"
-          + (f", emulated link {args.emulate}" if args.emulate else "") + f", best of {args.reps}")
+          + (f", emulated link {args.emulate}" if args.emulate else "") + f", best of {args.reps} after {args.warmup} untimed")
     print(f"{'library':8} {'pool':>4} {'tensors':>7} {'wire':>6} {'time s':>8} {'bus Gbit/s':>10}"
           + (f" {'of link':>8}" if link else ""))
     for r in results:
@@ -337,6 +341,8 @@ def main() -> int:
     ap.add_argument("--tensors", type=int, nargs="+", default=[1, 64], help="split the bytes into this many tensors in flight")
     ap.add_argument("--quant", nargs="+", choices=QUANTIZATIONS, default=list(QUANTIZATIONS), help="wire formats")
     ap.add_argument("--reps", type=int, default=1, help="timed repetitions per point (best is kept)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed repetitions before them (fresh connections start in TCP slow start)")
     ap.add_argument("--gloo", action="store_true", help="with --emulate: also time torch.distributed gloo")
     ap.add_argument("--plot", default="wan_bandwidth.png", help="PNG to write ('' for none)")
     ap.add_argument("--json", help="also write the figures here")
