@@ -57,7 +57,7 @@ def test_data_connections_use_the_chosen_congestion_control(cluster, tmp_path):
 
 def test_an_unusable_algorithm_falls_back_to_the_system_default_and_says_so(cluster, tmp_path):
     c = cluster()
-    env = {"PCCL_TCP_CONGESTION": "no-such-algorithm", "PCCL_LOG_LEVEL": "INFO"}
+    env = {"PCCL_TCP_CONGESTION": "no-such-algorithm"}  # the warning shows at the default level
     peers, stop = run_loop(c, tmp_path, env)
     system = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
     sockets = algorithms_by_socket({p.popen.pid for p in peers}, c.port)

@@ -67,12 +67,14 @@ void tune_data_socket(int fd) {
     if (const std::string& cc = data_congestion_control(); !cc.empty()) {
         if (setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, cc.data(), static_cast<socklen_t>(cc.size())) != 0) {
             // Not built into this kernel, or not in net.ipv4.tcp_allowed_congestion_control for a
-            // process without CAP_NET_ADMIN: the socket keeps the system's default. Said once.
+            // process without CAP_NET_ADMIN: the socket keeps the system's default. Said once: a WAN
+            // pool then runs slower than it could.
             static std::once_flag said;
             const int err = errno;
             std::call_once(said, [&] {
-                PCCL_LOG(INFO, "data connections keep the system's TCP congestion control: cannot use '", cc, "' (",
-                         errno_text(err), "); set PCCL_TCP_CONGESTION=system to stop trying");
+                PCCL_LOG(WARN, "data connections keep the system's TCP congestion control: cannot use '", cc, "' (",
+                         errno_text(err), "); allow it in net.ipv4.tcp_allowed_congestion_control, or set ",
+                         "PCCL_TCP_CONGESTION=system to keep the default without this warning");
             });
         }
     }
