@@ -16,9 +16,10 @@ pytestmark = pytest.mark.skipif(shutil.which("ss") is None,
 KNOWN = ("cubic", "reno", "bbr", "bbr2", "bbr3", "htcp", "vegas", "westwood", "dctcp", "bic")
 
 
-def algorithms_by_socket(pids: set[int], master_port: int) -> list[tuple[str, str]]:
-    """(peer address, algorithm) of every established TCP socket of `pids` not to or from the master."""
-    out = subprocess.run(["ss", "-tinpH", "state", "established"], capture_output=True, text=True, timeout=10).stdout
+def data_sockets(pids: set[int], master_port: int) -> list[tuple[str, str]]:
+    """(peer address, `ss -tmi` details) of every established TCP socket of `pids` not to or from
+    the master."""
+    out = subprocess.run(["ss", "-tmipH", "state", "established"], capture_output=True, text=True, timeout=10).stdout
     found = []
     lines = out.splitlines()
     for head, info in zip(lines, lines[1:]):
@@ -28,9 +29,13 @@ def algorithms_by_socket(pids: set[int], master_port: int) -> list[tuple[str, st
         local, peer = head.split()[2:4]
         if local.endswith(f":{master_port}") or peer.endswith(f":{master_port}"):
             continue
-        algorithm = next((w for w in info.split() if w in KNOWN), "?")
-        found.append((peer, algorithm))
+        found.append((peer, head + " " + info))
     return found
+
+
+def algorithms_by_socket(pids: set[int], master_port: int) -> list[tuple[str, str]]:
+    """(peer address, congestion control algorithm) of every data socket of `pids`."""
+    return [(peer, next((w for w in info.split() if w in KNOWN), "?")) for peer, info in data_sockets(pids, master_port)]
 
 
 def run_loop(c, tmp_path, env):
@@ -67,3 +72,18 @@ def test_an_unusable_algorithm_falls_back_to_the_system_default_and_says_so(clus
         p.finish(timeout=30)
         said = [line for line in p.stderr if "cannot use 'no-such-algorithm'" in line]
         assert len(said) == 1, "".join(p.stderr)[-2000:]
+
+
+def test_fixed_socket_buffers_apply_to_every_data_socket(cluster, tmp_path):
+    # PCCL_SOCKET_BUFFER_BYTES replaces autotuning (set before connect(), so the window scale the
+    # handshake agrees on covers it); the kernel reports twice the value asked for.
+    c = cluster()
+    peers, stop = run_loop(c, tmp_path, {"PCCL_SOCKET_BUFFER_BYTES": str(3 << 20)})
+    sockets = data_sockets({p.popen.pid for p in peers}, c.port)
+    stop.touch()
+    assert len(sockets) >= 8, sockets
+    for _, info in sockets:
+        rb, tb = (int(re.search(rf"\b{k}(\d+)", info).group(1)) for k in ("rb", "tb"))
+        assert rb == tb == 6 << 20, info
+    for p in peers:
+        p.finish(timeout=30)

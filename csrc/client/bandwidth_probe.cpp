@@ -75,7 +75,7 @@ ProbeOutcome run_bandwidth_probe(const net::Endpoint& target, uint64_t me, uint6
     for (size_t k = 0; k < connections; ++k) {
         net::Fd fd;
         bool in_progress = false;
-        const Status s = net::start_connect(target, fd, in_progress);
+        const Status s = net::start_connect(target, fd, in_progress, net::tune_data_socket);
         if (!s.is_ok()) return fail("cannot connect: " + s.message);
         fds.push_back(std::move(fd));
     }
@@ -90,7 +90,6 @@ ProbeOutcome run_bandwidth_probe(const net::Endpoint& target, uint64_t me, uint6
         for (size_t k = 0; k < connections; ++k) {
             if (connected[k] || !(polls[k].revents & (POLLOUT | POLLERR | POLLHUP))) continue;
             if (const Status s = net::finish_connect(fds[k].get()); !s.is_ok()) return fail("cannot connect: " + s.message);
-            net::tune_data_socket(fds[k].get());
             int lowat = kProbeNotSentLowWatermark;
             setsockopt(fds[k].get(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat));
             wire::DataHeader h;

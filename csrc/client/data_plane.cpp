@@ -121,6 +121,7 @@ void DataPlane::ensure_pool(PeerId peer, std::function<void(Status)> done) {
         return;
     }
     Pool& pool = pools_[peer];
+    pool.generation = next_pool_generation_++;
     if (done) pool.waiters.push_back(std::move(done));
     for (uint32_t i = 0; i < pool_size_; ++i) {
         auto c = std::make_unique<OutConn>();
@@ -129,14 +130,11 @@ void DataPlane::ensure_pool(PeerId peer, std::function<void(Status)> done) {
         c->index = i;
         c->started = Clock::now();
         bool in_progress = false;
-        // Buffer sizes must be set before connect() for the window scale to take them into account.
-        Status s = net::start_connect(dir->second, c->fd, in_progress);
-        if (s.is_ok()) net::tune_data_socket(c->fd.get());
+        Status s = net::start_connect(dir->second, c->fd, in_progress, net::tune_data_socket);
         if (!s.is_ok()) {
-            const Status why = Status::error(Result::RANK_CONNECTION_FAILED,
-                                             "cannot connect to peer " + std::to_string(peer) + " at " +
-                                                 dir->second.to_string() + ": " + s.message);
-            loop_.post([this, peer, why] { fail_pool(peer, why); });
+            post_fail_pool(peer, Status::error(Result::RANK_CONNECTION_FAILED,
+                                               "cannot connect to peer " + std::to_string(peer) + " at " +
+                                                   dir->second.to_string() + ": " + s.message));
             return;
         }
         const uint64_t id = c->id;
@@ -152,10 +150,7 @@ void DataPlane::out_connected(OutConn& c) {
     uint8_t hello[wire::kDataHeaderBytes];
     encode_handshake(wire::DataFrameKind::P2P_HELLO, me_, c.peer, c.index, hello);
     if (!send_all_now(c.fd.get(), hello, sizeof(hello))) {
-        const PeerId peer = c.peer;
-        loop_.post([this, peer] {
-            fail_pool(peer, Status::error(Result::RANK_CONNECTION_FAILED, "handshake with peer " + std::to_string(peer) + " failed"));
-        });
+        post_fail_pool(c.peer, Status::error(Result::RANK_CONNECTION_FAILED, "handshake with peer " + std::to_string(c.peer) + " failed"));
         return;
     }
     c.state = OutState::AWAIT_ACK;
@@ -246,6 +241,18 @@ void DataPlane::fail_pool(PeerId peer, const Status& why, bool silent) {
     for (uint64_t uid : affected) fail_op(uid, why, peer, silent);
 }
 
+void DataPlane::post_fail_pool(PeerId peer, const Status& why) {
+    auto it = pools_.find(peer);
+    if (it == pools_.end()) return;
+    // The pool may fail another way first and a new one to the same peer be opened before this
+    // runs: only the pool that broke may be failed.
+    const uint64_t generation = it->second.generation;
+    loop_.post([this, peer, why, generation] {
+        auto pool = pools_.find(peer);
+        if (pool != pools_.end() && pool->second.generation == generation) fail_pool(peer, why);
+    });
+}
+
 void DataPlane::arm_out(OutConn& c) {
     const bool want = !c.queue.empty();
     if (want == c.want_write) return;
@@ -288,9 +295,7 @@ void DataPlane::feed_pool(PeerId peer) {
         if (c.state != OutState::READY || c.queue.bytes() >= limits::kBoundAheadBytes) continue;
         if (!feed(c)) {
             // Never fail from inside the ring's callback chain: do it from a clean stack.
-            loop_.post([this, peer] {
-                fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST, "connection to next peer " + std::to_string(peer) + " lost"));
-            });
+            post_fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST, "connection to next peer " + std::to_string(peer) + " lost"));
             return;
         }
     }

@@ -113,6 +113,7 @@ private:
     struct Pool {
         std::vector<uint64_t> conns;
         FairSendQueue backlog;  // frames no connection has taken yet
+        uint64_t generation = 0;  // tells a pool from a later one to the same peer
         size_t ready = 0;
         std::vector<std::function<void(Status)>> waiters;
     };
@@ -176,6 +177,8 @@ private:
                  uint64_t token);
     void pool_ready_changed(PeerId peer);
     void fail_pool(PeerId peer, const Status& why, bool silent = false);
+    // fail_pool from a clean stack (never inside the ring's callbacks), for this pool only.
+    void post_fail_pool(PeerId peer, const Status& why);
     void close_in(uint64_t id, const std::string& why);
     bool route_header(InConn& c);
     void finish_piece(InConn& c);
@@ -202,6 +205,7 @@ private:
     std::unordered_map<uint64_t, SyncState> syncs_;
     uint64_t max_sync_uid_ = 0;
     uint64_t next_conn_id_ = 1;
+    uint64_t next_pool_generation_ = 1;
     std::vector<uint8_t> discard_;
 };
 

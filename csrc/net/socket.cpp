@@ -113,9 +113,10 @@ Status listen_on(const Endpoint& at, int backlog, Fd& out) {
     return Status::ok();
 }
 
-Status start_connect(const Endpoint& to, Fd& out, bool& in_progress) {
+Status start_connect(const Endpoint& to, Fd& out, bool& in_progress, void (*tune)(int fd)) {
     Fd fd(::socket(to.family(), SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
     if (!fd.valid()) return Status::error(Result::INTERNAL_ERROR, "socket(): " + errno_text(errno));
+    if (tune) tune(fd.get());
     in_progress = false;
     if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&to.storage), to.length) != 0) {
         if (errno != EINPROGRESS)

@@ -36,7 +36,9 @@ std::string errno_text(int err);
 // A non-blocking listening socket on `at` (port 0 picks a free one). IPv6 sockets also take IPv4.
 Status listen_on(const Endpoint& at, int backlog, Fd& out);
 // Starts a non-blocking connect; `in_progress` tells whether completion must be awaited (EPOLLOUT).
-Status start_connect(const Endpoint& to, Fd& out, bool& in_progress);
+// `tune` (e.g. tune_data_socket) runs on the socket before connect(): buffer sizes set later do not
+// enter the window scale the handshake agrees on.
+Status start_connect(const Endpoint& to, Fd& out, bool& in_progress, void (*tune)(int fd) = nullptr);
 // Blocking connect with a timeout, leaving the socket non-blocking afterwards.
 Status connect_with_timeout(const Endpoint& to, int timeout_ms, Fd& out);
 // The result of a non-blocking connect once the socket became writable.
