@@ -34,6 +34,17 @@ void encode_handshake(wire::DataFrameKind kind, PeerId from, PeerId to, uint32_t
     wire::encode_data_header(h, out);
 }
 
+// A frame for a send queue: `h` encoded, its payload at `data`, queued under `queue_key`.
+SendItem make_frame(const wire::DataHeader& h, const uint8_t* data, uint64_t queue_key, uint64_t token = 0) {
+    SendItem item;
+    wire::encode_data_header(h, item.header);
+    item.data = data;
+    item.length = h.length;
+    item.uid = queue_key;
+    item.token = token;
+    return item;
+}
+
 bool send_all_now(int fd, const uint8_t* data, size_t n) {
     // Only for 32-byte handshakes on fresh sockets, whose buffers are empty.
     while (n > 0) {
@@ -270,19 +281,13 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
         op->second.ring->on_piece_sent(token);
         return;
     }
-    SendItem item;
     wire::DataHeader h;
     h.kind = static_cast<uint8_t>(wire::DataFrameKind::DATA);
     h.phase = static_cast<uint8_t>(phase);
     h.length = bytes;
     h.a = uid;
     h.b = offset;
-    wire::encode_data_header(h, item.header);
-    item.data = data;
-    item.length = h.length;
-    item.uid = uid;
-    item.token = token;
-    pit->second.backlog.push(item);
+    pit->second.backlog.push(make_frame(h, data, uid, token));
     feed_pool(next);
 }
 
@@ -640,18 +645,13 @@ void DataPlane::send_sync_ranges(uint64_t uid, const std::vector<wire::SyncRange
         auto pit = pools_.find(r.peer);
         if (pit == pools_.end() || pit->second.conns.empty()) continue;  // unknown peer: the master will notice
         for (uint64_t rel = 0; rel < r.length; rel += limits::kSyncFrameBytes) {
-            SendItem item;
             wire::DataHeader h;
             h.kind = static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA);
             h.length = static_cast<uint32_t>(std::min<uint64_t>(limits::kSyncFrameBytes, r.length - rel));
             h.a = uid;
             h.b = r.offset + rel;
             h.aux = r.entry;
-            wire::encode_data_header(h, item.header);
-            item.data = s.entries[r.entry].data + r.offset + rel;
-            item.length = h.length;
-            item.uid = sync_queue_key(uid);
-            pit->second.backlog.push(item);
+            pit->second.backlog.push(make_frame(h, s.entries[r.entry].data + r.offset + rel, sync_queue_key(uid)));
         }
         feed_pool(r.peer);
     }

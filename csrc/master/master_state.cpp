@@ -7,6 +7,7 @@
 
 #include "common/limits.hpp"
 #include "common/log.hpp"
+#include "common/text.hpp"
 #include "common/types.hpp"
 #include "net/address.hpp"
 
@@ -698,7 +699,8 @@ void MasterState::sync_peer_gone(uint32_t group, PeerId id) {
 
 // A ring neighbour whose link with the reporter went silent while it still heartbeats (a dead link
 // between two peers that both reach the master) would fail every op forever: drop it, and the
-// survivors' ring closes without that link. Only the first report of an op counts (the root, not the cascade behind it).
+// survivors' ring closes without that link. Only the first report of an op counts (the root, not
+// the cascade behind it).
 // A reporter whose second such report comes within kRepeatedSilenceWindow is the likelier culprit
 // (its own inbound path is dead): it is dropped instead, so one broken peer costs at most one
 // innocent peer a rejoin.
