@@ -645,6 +645,58 @@ def scenario_optimize(spec: dict[str, Any]) -> None:
     comm.close()
 
 
+# ------------------------------------------------------------------ early start (OP_TICKET)
+
+def scenario_steps(spec: dict[str, Any]) -> None:
+    """A list of all-reduces, each {tag, count, delay (s before the call), inplace}: every peer
+    contributes index+1, so the exact sum tells who took part. A failure reports whether an
+    in-place buffer came back as it was. Lingers `linger` seconds at the end."""
+    comm = connect(spec)
+    join(comm, spec["world"])
+    emit(event="joined")
+    index = spec["index"]
+    for n, step in enumerate(spec["steps"]):
+        time.sleep(step.get("delay", 0))
+        x = np.full(step["count"], index + 1, dtype=np.float32)
+        y = x if step.get("inplace", True) else np.zeros_like(x)
+        try:
+            info = comm.all_reduce(x, y, tag=step.get("tag", 0))
+            emit(event="step", n=n, ok=True, world=info.local_world_size, value=float(y[0]),
+                 uniform=bool(np.all(y == y[0])), digest=digest(y))
+        except PCCLError as e:
+            emit(event="step", n=n, ok=False, result=e.result.name, message=str(e),
+                 intact=bool(np.all(x == index + 1)))
+    time.sleep(spec.get("linger", 0))
+    comm.close()
+    emit(event="done")
+
+
+def scenario_crossed(spec: dict[str, Any]) -> None:
+    """Two async tags in opposite orders on the two peers, several rounds: peer 0 launches tag 1
+    then tag 2 and waits for both; peer 1 runs tag 2 to the end, pauses, then tag 1. From the
+    second round on, both start early from their tickets, so peer 0's early frames of tag 1 reach
+    peer 1 while it still works on tag 2 over the same connections."""
+    comm = connect(spec)
+    join(comm, 2)
+    index, count = spec["index"], spec["count"]
+    for rnd in range(spec.get("rounds", 3)):
+        a = np.full(count, index + 1, dtype=np.float32)
+        b = np.full(count, 10 * (index + 1), dtype=np.float32)
+        if index == 0:
+            ha = comm.all_reduce_async(a, a, tag=1)
+            hb = comm.all_reduce_async(b, b, tag=2)
+            ok = [ha.wait()[0], hb.wait()[0]]
+        else:
+            hb = comm.all_reduce_async(b, b, tag=2)
+            ok_b = hb.wait()[0]
+            time.sleep(spec.get("pause", 0.5))
+            ha = comm.all_reduce_async(a, a, tag=1)
+            ok = [ha.wait()[0], ok_b]
+        emit(event="round", n=rnd, ok=ok, a=float(a[0]), b=float(b[0]),
+             exact=bool(np.all(a == 3) and np.all(b == 30)))
+    comm.close()
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 

@@ -93,7 +93,7 @@ def test_master_survives_hostile_bytes_then_serves_a_normal_run(cluster):
         hello + frame(64, struct.pack("<QI", 1, 1)),          # a master-only message
         hello[:7],                                            # truncated, then silence
         frame(1, b"\0" * 6, version=codec.PROTOCOL_VERSION + 1),  # from the future
-        hello + frame(6, struct.pack("<QQBBBB", 1, 10, 200, 0, 0, 0)),  # invalid dtype
+        hello + frame(6, struct.pack("<QQBBBBQ", 1, 10, 200, 0, 0, 0, 0)),  # invalid dtype
     ]
     attacks += [bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))) for _ in range(50)]
     for payload in attacks:

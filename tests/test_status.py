@@ -143,7 +143,7 @@ def p2p_ready(epoch: int) -> bytes:
 
 
 def op_begin(tag: int, count: int = 10) -> bytes:
-    return frame(6, struct.pack("<QQBBBB", tag, count, 10, 0, 0, 0))  # float32 SUM
+    return frame(6, struct.pack("<QQBBBBQ", tag, count, 10, 0, 0, 0, 0))  # float32 SUM, no ticket claimed
 
 
 def op_end(tag: int, uid: int, ok: bool, reason: bytes = b"", tx: int = 0, rx: int = 0, suspect: int = 0,
@@ -312,8 +312,10 @@ def test_raw_protocol_ops_bytes_failure_and_escaping():
         hostile = b'bad "quote" \\ <script>alert(1)</script> \x01\x1f \xff\xfe caf\xc3\xa9 \xe2\x80\xa8 end'
         for p in (a, b):
             p.send(op_begin(6))
-        wait_status(c, lambda s: s["ops_in_flight"][0]["state"] == "running", "second op running")
-        a.send(op_end(6, 2, False, reason=hostile, tx=5, rx=6))
+        s = wait_status(c, lambda s: s["ops_in_flight"][0]["state"] == "running", "second op running")
+        uid = s["ops_in_flight"][0]["uid"]
+        assert uid == 3  # uid 2 went to the ticket for tag 5's next op
+        a.send(op_end(6, uid, False, reason=hostile, tx=5, rx=6))
         wait_status(c, lambda s: s["last_op_failure"] is not None, "the failed op")
         code, _, raw = get(f"{c.status_url}/status.json")
         assert code == 200
@@ -321,7 +323,7 @@ def test_raw_protocol_ops_bytes_failure_and_escaping():
         s = json.loads(raw)  # valid UTF-8 and valid JSON
         f = s["last_op_failure"]
         expected = hostile.decode("utf-8", errors="replace")
-        assert expected in f["message"] and (f["group"], f["tag"], f["uid"]) == (0, 6, 2)
+        assert expected in f["message"] and (f["group"], f["tag"], f["uid"]) == (0, 6, uid)
         assert s["counters"]["ops_failed"] == 1 and s["counters"]["collective_tx_bytes"] == 1035
         page = get(f"{c.status_url}/")[2].decode()
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>" not in page

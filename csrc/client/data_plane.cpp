@@ -281,6 +281,15 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
         op->second.ring->on_piece_sent(token);
         return;
     }
+    if (ActiveOp& o = op->second; !o.confirmed) {
+        uint64_t& early_out = early_out_bytes_[next];
+        if (!o.held.empty() || o.early_sent + bytes > o.early_budget || early_out + bytes > limits::kSpeculativeBytes) {
+            o.held.push_back(HeldPiece{phase, offset, bytes, data, token});
+            return;
+        }
+        o.early_sent += bytes;
+        early_out += bytes;
+    }
     wire::DataHeader h;
     h.kind = static_cast<uint8_t>(wire::DataFrameKind::DATA);
     h.phase = static_cast<uint8_t>(phase);
@@ -385,6 +394,13 @@ void DataPlane::close_in(uint64_t id, const std::string& why) {
     const PeerId peer = it->second->peer;
     loop_.unwatch(it->second->watch);
     parked_.erase(id);
+    if (it->second->state == InState::STASH) {
+        auto f = early_frames_.find(it->second->stash);
+        if (f != early_frames_.end()) {
+            early_in_bytes_[f->second.peer] -= f->second.payload.size();
+            early_frames_.erase(f);
+        }
+    }
     in_.erase(it);
     if (peer == 0) return;
     PCCL_LOG(INFO, "peer ", me_, ": data connection from peer ", peer, " closed: ", why);
@@ -397,24 +413,29 @@ void DataPlane::close_in(uint64_t id, const std::string& why) {
 
 bool DataPlane::route_header(InConn& c) {
     const uint64_t uid = c.h.a;
-    auto it = ops_.find(uid);
-    if (it != ops_.end()) {
-        if (it->second.prev != c.peer) {
-            fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "data for this op came from a peer that is not its previous peer"), c.peer);
-            close_in(c.id, "data from the wrong peer");
-            return false;
+    if (auto it = ops_.find(uid); it != ops_.end()) return route_to_op(c, it->second);
+    if (tickets_.contains(uid)) {
+        uint64_t& kept = early_in_bytes_[c.peer];
+        if (kept + c.h.length <= limits::kSpeculativeBytes) {
+            kept += c.h.length;
+            const uint64_t key = next_early_key_++;
+            EarlyFrame& f = early_frames_[key];
+            f.uid = uid;
+            f.peer = c.peer;
+            f.phase = static_cast<wire::RingPhase>(c.h.phase);
+            f.offset = c.h.b;
+            f.payload.resize(c.h.length);
+            c.stash = key;
+            c.dest = f.payload.data();
+            c.remaining = c.h.length;
+            c.state = InState::STASH;
+            return true;
         }
-        std::string error;
-        uint8_t* dest = it->second.ring->accept_piece(static_cast<wire::RingPhase>(c.h.phase), c.h.b, c.h.length, error);
-        if (!dest) {
-            const PeerId peer = c.peer;
-            close_in(c.id, "malformed piece: " + error);  // fails the op too: it came from prev
-            (void)peer;
-            return false;
-        }
-        c.dest = dest;
-        c.remaining = c.h.length;
-        c.state = InState::PAYLOAD;
+        // More than a sender may send early (or confirmed frames racing this peer's OP_GO): park
+        // the connection until the op starts here.
+        c.state = InState::PARKED;
+        parked_.insert(c.id);
+        loop_.modify(c.watch, 0);
         return true;
     }
     if (uid > max_go_uid_) {
@@ -428,19 +449,125 @@ bool DataPlane::route_header(InConn& c) {
     return true;
 }
 
+bool DataPlane::route_to_op(InConn& c, ActiveOp& op) {
+    const uint64_t uid = c.h.a;
+    if (op.prev != c.peer) {
+        if (!op.confirmed) {
+            // Sent early on a ring view the master will not confirm: it names a fresh uid instead.
+            c.state = InState::DISCARD;
+            c.remaining = c.h.length;
+            return true;
+        }
+        fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "data for this op came from a peer that is not its previous peer"), c.peer);
+        close_in(c.id, "data from the wrong peer");
+        return false;
+    }
+    std::string error;
+    uint8_t* dest = op.ring->accept_piece(static_cast<wire::RingPhase>(c.h.phase), c.h.b, c.h.length, error);
+    if (!dest) {
+        if (!op.confirmed) {
+            // Both sides started early with different arguments; the master refuses the op for
+            // everyone, so only this op fails, and the connection (other ops' frames) stays.
+            fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "a piece from the previous peer does not fit this op: " + error), c.peer);
+            c.state = InState::DISCARD;
+            c.remaining = c.h.length;
+            return true;
+        }
+        close_in(c.id, "malformed piece: " + error);  // fails the op too: it came from prev
+        return false;
+    }
+    c.dest = dest;
+    c.remaining = c.h.length;
+    c.state = InState::PAYLOAD;
+    return true;
+}
+
+void DataPlane::deliver_piece(uint64_t uid, ActiveOp& op, const wire::DataHeader& h) {
+    op.stats.rx_bytes += wire::kDataHeaderBytes + h.length;
+    op.last_progress = Clock::now();
+    op.received_any = true;
+    OpSink sink(*this, uid, op.next, op.ring);
+    op.ring->on_piece_received(sink, static_cast<wire::RingPhase>(h.phase), h.b, h.length);
+    maybe_complete(uid);
+}
+
 void DataPlane::finish_piece(InConn& c) {
     const uint64_t uid = c.h.a;
     c.state = InState::HEADER;
     c.header_got = 0;
     auto it = ops_.find(uid);
     if (it == ops_.end()) return;
-    ActiveOp& op = it->second;
-    op.stats.rx_bytes += wire::kDataHeaderBytes + c.h.length;
-    op.last_progress = Clock::now();
-    op.received_any = true;
-    OpSink sink(*this, uid, op.next, op.ring);
-    op.ring->on_piece_received(sink, static_cast<wire::RingPhase>(c.h.phase), c.h.b, c.h.length);
-    maybe_complete(uid);
+    deliver_piece(uid, it->second, c.h);
+}
+
+void DataPlane::finish_stash(InConn& c) {
+    c.state = InState::HEADER;
+    c.header_got = 0;
+    auto it = early_frames_.find(c.stash);
+    if (it == early_frames_.end()) return;
+    it->second.complete = true;
+    const uint64_t uid = it->second.uid;
+    if (ops_.contains(uid)) {
+        replay_early_frames(uid);  // the op started while this frame was being read
+    } else if (!tickets_.contains(uid)) {
+        early_in_bytes_[it->second.peer] -= it->second.payload.size();
+        early_frames_.erase(it);
+    }
+}
+
+void DataPlane::replay_early_frames(uint64_t uid) {
+    std::vector<uint64_t> keys;
+    for (const auto& [key, f] : early_frames_)
+        if (f.uid == uid && f.complete) keys.push_back(key);
+    for (uint64_t key : keys) {
+        auto fit = early_frames_.find(key);
+        if (fit == early_frames_.end()) continue;
+        EarlyFrame f = std::move(fit->second);
+        early_frames_.erase(fit);
+        early_in_bytes_[f.peer] -= f.payload.size();
+        auto op = ops_.find(uid);
+        if (op == ops_.end()) continue;          // failed meanwhile: drop the rest
+        if (op->second.prev != f.peer) continue;  // sent on a ring view the master did not confirm
+        std::string error;
+        const auto bytes = static_cast<uint32_t>(f.payload.size());
+        uint8_t* dest = op->second.ring->accept_piece(f.phase, f.offset, bytes, error);
+        if (!dest) {
+            fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "a piece from the previous peer does not fit this op: " + error), f.peer);
+            continue;
+        }
+        std::memcpy(dest, f.payload.data(), bytes);
+        wire::DataHeader h;
+        h.phase = static_cast<uint8_t>(f.phase);
+        h.b = f.offset;
+        h.length = bytes;
+        deliver_piece(uid, op->second, h);
+    }
+}
+
+void DataPlane::drop_early_frames(uint64_t uid) {
+    for (auto& [id, c] : in_) {
+        if (c->state != InState::STASH) continue;
+        auto f = early_frames_.find(c->stash);
+        if (f != early_frames_.end() && f->second.uid == uid) c->state = InState::DISCARD;  // the rest of it
+    }
+    std::erase_if(early_frames_, [&](const auto& kv) {
+        if (kv.second.uid != uid) return false;
+        early_in_bytes_[kv.second.peer] -= kv.second.payload.size();
+        return true;
+    });
+}
+
+void DataPlane::add_ticket(uint64_t uid) {
+    tickets_.insert(uid);
+    unpark_all();  // a connection parked on this uid may now keep its frames in memory
+}
+
+void DataPlane::void_ticket(uint64_t uid) {
+    tickets_.erase(uid);
+    drop_early_frames(uid);
+    // Every uid below a ticket's was handed out before it, so raising the mark loses nothing.
+    max_go_uid_ = std::max(max_go_uid_, uid);
+    unpark_all();
 }
 
 void DataPlane::on_in_io(uint64_t id, uint32_t events) {
@@ -460,6 +587,7 @@ void DataPlane::on_in_io(uint64_t id, uint32_t events) {
                 n = ::recv(c.fd.get(), c.header + c.header_got, sizeof(c.header) - c.header_got, 0);
                 break;
             case InState::PAYLOAD:
+            case InState::STASH:
                 n = ::recv(c.fd.get(), c.dest, std::min<uint64_t>(c.remaining, budget), 0);
                 break;
             case InState::DISCARD:
@@ -511,10 +639,12 @@ void DataPlane::on_in_io(uint64_t id, uint32_t events) {
                 break;
             }
             case InState::PAYLOAD:
+            case InState::STASH:
                 c.dest += n;
                 c.remaining -= static_cast<uint64_t>(n);
                 if (c.remaining == 0) {
-                    if (c.h.kind == static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA)) finish_sync_frame(c);
+                    if (c.state == InState::STASH) finish_stash(c);
+                    else if (c.h.kind == static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA)) finish_sync_frame(c);
                     else finish_piece(c);
                     if (!in_.contains(id)) return;
                 }
@@ -539,7 +669,9 @@ void DataPlane::unpark_all() {
         if (it == in_.end()) continue;
         const auto& h = it->second->h;
         const bool sync = h.kind == static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA);
-        if (h.a <= (sync ? max_sync_uid_ : max_go_uid_)) ready.push_back(id);
+        if (sync ? h.a <= max_sync_uid_
+                 : ops_.contains(h.a) || tickets_.contains(h.a) || h.a <= max_go_uid_)
+            ready.push_back(id);
     }
     for (uint64_t id : ready) {
         parked_.erase(id);
@@ -560,18 +692,40 @@ void DataPlane::note_go(uint64_t uid) {
 
 // ------------------------------------------------------------------ operations
 
-void DataPlane::start_op(uint64_t uid, ring::RingAllReduce* ring, PeerId prev, PeerId next) {
+void DataPlane::start_op(uint64_t uid, ring::RingAllReduce* ring, PeerId prev, PeerId next, bool confirmed,
+                         uint64_t op_bytes) {
     ActiveOp op;
     op.ring = ring;
     op.prev = prev;
     op.next = next;
     op.last_progress = Clock::now();
+    op.confirmed = confirmed;
+    if (!confirmed)
+        op.early_budget = std::min<uint64_t>(limits::kSpeculativeBytes,
+                                             std::max<uint64_t>(limits::kSpeculativeMinBytes, op_bytes / limits::kSpeculativeOpDivisor));
+    tickets_.erase(uid);
     ops_[uid] = op;
     ensure_pool(next, nullptr);
     OpSink sink(*this, uid, next, ring);
     ring->start(sink);
-    note_go(uid);
+    replay_early_frames(uid);
+    if (confirmed) note_go(uid);
+    unpark_all();  // connections parked on this uid (or on memory for early frames)
     maybe_complete(uid);
+}
+
+void DataPlane::confirm_op(uint64_t uid) {
+    auto it = ops_.find(uid);
+    if (it == ops_.end() || it->second.confirmed) return;
+    ActiveOp& op = it->second;
+    op.confirmed = true;
+    early_out_bytes_[op.next] -= op.early_sent;
+    op.early_sent = 0;
+    op.last_progress = Clock::now();
+    const PeerId next = op.next;
+    std::vector<HeldPiece> held = std::move(op.held);
+    op.held.clear();
+    for (const auto& p : held) enqueue(next, uid, p.phase, p.offset, p.bytes, p.data, p.token);
 }
 
 void DataPlane::maybe_complete(uint64_t uid) {
@@ -590,6 +744,9 @@ DataPlane::OpStats DataPlane::remove_op(uint64_t uid) {
     auto it = ops_.find(uid);
     if (it == ops_.end()) return stats;
     stats = it->second.stats;
+    early_out_bytes_[it->second.next] -= it->second.early_sent;
+    // An early start has no OP_GO behind its uid yet: its late frames must be discarded, not parked.
+    if (!it->second.confirmed) max_go_uid_ = std::max(max_go_uid_, uid);
     ops_.erase(it);
     for (auto& [peer, pool] : pools_) pool.backlog.drop_op(uid);
     for (auto& [id, c] : out_) c->queue.drop_op(uid);
@@ -768,6 +925,7 @@ void DataPlane::check_deadlines(Clock::time_point now, std::chrono::milliseconds
     std::vector<Stall> first_hand, cascade;
     const std::string for_timeout = " for " + std::to_string(timeout.count()) + " ms";
     for (const auto& [uid, op] : ops_) {
+        if (!op.confirmed) continue;  // the others may not have called yet: no deadline before OP_GO
         const auto quiet = now - op.last_progress;
         // Only a quiet op pays for the TCP_INFO look. Its ACK silence, not its quiet time, times
         // the report: writes into a large socket buffer go on for a while after a cut.
@@ -826,6 +984,10 @@ void DataPlane::close_all() {
     pools_.clear();
     parked_.clear();
     ops_.clear();
+    tickets_.clear();
+    early_frames_.clear();
+    early_in_bytes_.clear();
+    early_out_bytes_.clear();
     syncs_.clear();
     if (listener_.valid()) {
         loop_.unwatch(listener_watch_);

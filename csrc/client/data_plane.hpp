@@ -9,6 +9,13 @@
 // A frame for an op this peer has not been told about yet (uid above the last OP_GO) parks its
 // connection: TCP back-pressure holds the sender until the OP_GO arrives. A frame for an op that is
 // over (or cancelled) is read into a discard buffer.
+//
+// Early start: an op may run before its OP_GO (unconfirmed), under the uid of an OP_TICKET. Until
+// confirmed it sends its next peer only a bounded share (limits::kSpeculative*), holding the rest,
+// and it is exempt from deadlines (the others may not have called yet). Frames that arrive for a
+// ticket's uid before this peer runs that op are read into memory (at most kSpeculativeBytes per
+// previous peer) and handed to the op when it starts; they never park a connection, which could
+// hold up another op's frames queued behind them.
 #pragma once
 
 #include <chrono>
@@ -68,8 +75,17 @@ public:
         uint64_t tx_bytes = 0;
         uint64_t rx_bytes = 0;
     };
-    // Starts an op whose OP_GO just arrived. The ring object must outlive remove_op().
-    void start_op(uint64_t uid, ring::RingAllReduce* ring, PeerId prev, PeerId next);
+    // Starts an op whose OP_GO just arrived, or (confirmed = false) one started early under a
+    // ticket's uid (`op_bytes`, the tensor's size, sets its early share). The ring object must outlive
+    // remove_op().
+    void start_op(uint64_t uid, ring::RingAllReduce* ring, PeerId prev, PeerId next, bool confirmed = true,
+                  uint64_t op_bytes = 0);
+    // OP_GO confirmed an early start: its held frames go out and deadlines apply from now.
+    void confirm_op(uint64_t uid);
+    // A ticket's uid: its frames are kept in memory until the op starts here (or the ticket is voided).
+    void add_ticket(uint64_t uid);
+    // The ticket will never be used here: frames kept for it are dropped, later ones discarded.
+    void void_ticket(uint64_t uid);
     // Stops touching the op's buffers at once (queued sends dropped, a half-sent piece completed
     // with zeros, a half-read payload drained). Returns the op's byte counts.
     OpStats remove_op(uint64_t uid);
@@ -117,7 +133,7 @@ private:
         size_t ready = 0;
         std::vector<std::function<void(Status)>> waiters;
     };
-    enum class InState { HELLO, HEADER, PAYLOAD, DISCARD, PARKED };
+    enum class InState { HELLO, HEADER, PAYLOAD, DISCARD, PARKED, STASH };
     struct InConn {
         uint64_t id = 0;
         net::Fd fd;
@@ -131,7 +147,25 @@ private:
         uint64_t remaining = 0;
         size_t sync_range = 0;   // SYNC_DATA payload: which range and frame of it
         size_t sync_frame = 0;
+        uint64_t stash = 0;      // STASH payload: the key of the early frame being read
         Clock::time_point accepted;
+    };
+    // A frame that arrived under a ticket's uid before this peer started that op.
+    struct EarlyFrame {
+        uint64_t uid = 0;
+        PeerId peer = 0;
+        wire::RingPhase phase{};
+        uint64_t offset = 0;
+        std::vector<uint8_t> payload;
+        bool complete = false;  // fully read
+    };
+    // A piece an unconfirmed op may not send yet.
+    struct HeldPiece {
+        wire::RingPhase phase{};
+        uint64_t offset = 0;
+        uint32_t bytes = 0;
+        const uint8_t* data = nullptr;
+        uint64_t token = 0;
     };
     struct ActiveOp {
         ring::RingAllReduce* ring = nullptr;
@@ -140,6 +174,10 @@ private:
         OpStats stats;
         Clock::time_point last_progress;
         bool received_any = false;  // from prev, in this op
+        bool confirmed = true;      // false: started early, no OP_GO yet
+        uint64_t early_budget = 0;  // unconfirmed: bytes it may still send
+        uint64_t early_sent = 0;    // unconfirmed: bytes it queued, counted in early_out_
+        std::vector<HeldPiece> held;
     };
     class OpSink;
     struct SyncRangeState {
@@ -187,6 +225,14 @@ private:
     bool forward_path_silent(PeerId next, std::chrono::milliseconds quiet) const;
     void maybe_complete(uint64_t uid);
     void unpark_all();
+    // Routes a piece header of a running op; false when the connection was closed.
+    bool route_to_op(InConn& c, ActiveOp& op);
+    // Delivers a received piece to its op (the payload is already at the op's destination).
+    void deliver_piece(uint64_t uid, ActiveOp& op, const wire::DataHeader& h);
+    // Hands the early frames of `uid` (complete ones) to the op that just started.
+    void replay_early_frames(uint64_t uid);
+    void finish_stash(InConn& c);
+    void drop_early_frames(uint64_t uid);
 
     net::EventLoop& loop_;
     DataPlaneEvents& events_;
@@ -202,6 +248,11 @@ private:
     std::unordered_map<uint64_t, ActiveOp> ops_;
     std::set<uint64_t> parked_;
     uint64_t max_go_uid_ = 0;
+    std::set<uint64_t> tickets_;
+    std::map<uint64_t, EarlyFrame> early_frames_;            // by arrival
+    uint64_t next_early_key_ = 1;
+    std::unordered_map<PeerId, uint64_t> early_in_bytes_;    // kept for each previous peer
+    std::unordered_map<PeerId, uint64_t> early_out_bytes_;   // sent unconfirmed to each next peer
     std::unordered_map<uint64_t, SyncState> syncs_;
     uint64_t max_sync_uid_ = 0;
     uint64_t next_conn_id_ = 1;

@@ -23,6 +23,18 @@ constexpr std::chrono::milliseconds kCancelAckTimeout{5000};
 
 Status interrupted_status() { return Status::error(Result::INVALID_USAGE, "interrupted"); }
 
+// PCCL_SPECULATIVE_START=off: hold every op until its OP_GO (tickets are still claimed, so peers
+// with it on start early all the same). On by default: it saves one master round trip per op.
+bool early_start_enabled() {
+    static const bool enabled = [] {
+        const char* env = std::getenv("PCCL_SPECULATIVE_START");
+        if (!env) return true;
+        const std::string v = env;
+        return !(v == "0" || v == "off" || v == "false" || v == "no");
+    }();
+    return enabled;
+}
+
 }  // namespace
 
 Session::Session(uint32_t peer_group, size_t pool_size, std::shared_ptr<ScratchPool> scratch)
@@ -135,8 +147,24 @@ void Session::submit(const std::shared_ptr<ReduceHandle>& h) {
                                                         " is already in flight; give each concurrent all-reduce its own tag");
         ops_by_tag_.emplace(h->request.tag, h);
         const auto& r = h->request;
+        std::optional<wire::OpTicket> ticket;
+        if (auto t = tickets_.find(r.tag); t != tickets_.end()) {
+            ticket = t->second;  // spent on this call, whatever becomes of it
+            tickets_.erase(t);
+            h->claimed_uid = ticket->op_uid;
+        }
         send_master(wire::OpBegin{r.tag, r.count, static_cast<uint8_t>(r.dtype), static_cast<uint8_t>(r.op),
-                                  static_cast<uint8_t>(r.quant_algorithm), static_cast<uint8_t>(r.quant_dtype)});
+                                  static_cast<uint8_t>(r.quant_algorithm), static_cast<uint8_t>(r.quant_dtype),
+                                  h->claimed_uid});
+        if (ticket && early_start_enabled()) {
+            h->uid = ticket->op_uid;
+            h->world = ticket->world;
+            h->confirmed = false;
+            tag_by_uid_[h->uid] = r.tag;
+            PCCL_LOG(DEBUG, "peer ", my_id_.load(), ": all-reduce tag=", r.tag, " uid=", h->uid,
+                     " started early from its ticket, rank ", ticket->rank, "/", ticket->world);
+            start_ring(*h, ticket->rank, ticket->world, ticket->prev_peer, ticket->next_peer, /*confirmed=*/false);
+        }
     });
     if (!posted) {
         release_backup(*h);
@@ -155,8 +183,8 @@ void Session::cancel(ReduceHandle& handle) {
             if (h->phase == ReduceHandle::Phase::RUNNING) {
                 h->stats = data_plane_.remove_op(h->uid);
                 h->phase = ReduceHandle::Phase::LOCAL_FAILED;
-                send_master(wire::OpEnd{h->request.tag, h->uid, 0, 0, "interrupted by the caller", h->stats.tx_bytes,
-                                        h->stats.rx_bytes});
+                report_end(*h, wire::OpEnd{h->request.tag, h->uid, 0, 0, "interrupted by the caller", h->stats.tx_bytes,
+                                           h->stats.rx_bytes});
             }
             // LOCAL_DONE already told the master "ok": the op may succeed everywhere, so keep the result.
             if (h->phase == ReduceHandle::Phase::LOCAL_FAILED) restore_input(*h);
@@ -288,6 +316,7 @@ void Session::handle(wire::Message&& m) {
                    [&](wire::PeersPendingAnswer& x) { finish_call(CallKind::PEERS_PENDING, {Status::ok(), x.pending != 0}); },
                    [&](wire::OpGo& x) { on_go(x); },
                    [&](wire::OpResult& x) { on_result(x); },
+                   [&](wire::OpTicket& x) { on_ticket(x); },
                    [&](wire::Kicked& x) {
                        end_session(Status::error(Result::MASTER_CONNECTION_FAILED,
                                                  "dropped by the master (" + x.reason + "); call connect() to rejoin"));
@@ -315,6 +344,7 @@ void Session::handle(wire::Message&& m) {
 }
 
 void Session::on_topology(const wire::Topology& t) {
+    if (t.epoch != epoch_) void_all_tickets();  // they promised the old ring
     epoch_ = t.epoch;
     ring_ = t.peers;
     const uint64_t me = my_id_.load();
@@ -359,38 +389,98 @@ void Session::on_topology(const wire::Topology& t) {
 
 void Session::on_go(const wire::OpGo& go) {
     auto it = ops_by_tag_.find(go.tag);
+    if (it != ops_by_tag_.end() && it->second->uid != 0 && !it->second->confirmed) {
+        auto h = it->second;
+        if (go.op_uid == h->uid) {
+            h->confirmed = true;
+            PCCL_LOG(DEBUG, "peer ", my_id_.load(), ": all-reduce tag=", go.tag, " uid=", go.op_uid, " go confirms the early start");
+            data_plane_.confirm_op(h->uid);
+            if (h->deferred_end) {
+                wire::OpEnd end = std::move(*h->deferred_end);
+                h->deferred_end.reset();
+                send_master(end);
+            }
+            return;
+        }
+        undo_early_start(*h);  // then start afresh below
+    }
     if (it == ops_by_tag_.end() || it->second->uid != 0) {
         send_master(wire::OpEnd{go.tag, go.op_uid, 0, 0, "no such operation on this peer"});
         data_plane_.note_go(go.op_uid);
         return;
     }
     auto h = it->second;
+    if (h->claimed_uid != 0 && h->claimed_uid != go.op_uid) data_plane_.void_ticket(h->claimed_uid);
+    h->claimed_uid = 0;
     h->uid = go.op_uid;
     h->world = go.world;
     tag_by_uid_[go.op_uid] = go.tag;
     if (h->cancelled) {
         h->phase = ReduceHandle::Phase::LOCAL_FAILED;
         send_master(wire::OpEnd{go.tag, go.op_uid, 0, 0, "interrupted by the caller"});
-        data_plane_.note_go(go.op_uid);
+        data_plane_.void_ticket(go.op_uid);  // also stops parking on it
         return;
     }
-    ring::RingAllReduce::Params p;
-    p.send = h->in_place ? nullptr : static_cast<const uint8_t*>(h->request.send);
-    p.recv = static_cast<uint8_t*>(h->request.recv);
-    p.backup = h->in_place ? h->backup.data.get() : nullptr;
-    p.count = h->request.count;
-    p.dtype = h->request.dtype;
-    p.op = h->request.op;
-    p.world = go.world;
-    p.rank = go.rank;
-    p.piece_elems = ring::RingAllReduce::choose_piece_elems(p.count, p.world, element_size(p.dtype));
-    if (h->request.quant_algorithm != QuantizationAlgorithm::NONE)
-        p.quant = kernels::quant::Format{p.dtype, h->request.quant_dtype, h->request.quant_algorithm};
-    h->ring = std::make_unique<ring::RingAllReduce>(p);
-    h->phase = ReduceHandle::Phase::RUNNING;
-    h->recv_written = true;
     PCCL_LOG(DEBUG, "peer ", my_id_.load(), ": all-reduce tag=", go.tag, " uid=", go.op_uid, " go, rank ", go.rank, "/", go.world);
-    data_plane_.start_op(go.op_uid, h->ring.get(), go.prev_peer, go.next_peer);
+    start_ring(*h, go.rank, go.world, go.prev_peer, go.next_peer, /*confirmed=*/true);
+}
+
+void Session::start_ring(ReduceHandle& h, uint32_t rank, uint32_t world, PeerId prev, PeerId next, bool confirmed) {
+    ring::RingAllReduce::Params p;
+    p.send = h.in_place ? nullptr : static_cast<const uint8_t*>(h.request.send);
+    p.recv = static_cast<uint8_t*>(h.request.recv);
+    p.backup = h.in_place ? h.backup.data.get() : nullptr;
+    p.count = h.request.count;
+    p.dtype = h.request.dtype;
+    p.op = h.request.op;
+    p.world = world;
+    p.rank = rank;
+    p.piece_elems = ring::RingAllReduce::choose_piece_elems(p.count, p.world, element_size(p.dtype));
+    if (h.request.quant_algorithm != QuantizationAlgorithm::NONE)
+        p.quant = kernels::quant::Format{p.dtype, h.request.quant_dtype, h.request.quant_algorithm};
+    h.ring = std::make_unique<ring::RingAllReduce>(p);
+    h.phase = ReduceHandle::Phase::RUNNING;
+    h.recv_written = true;
+    data_plane_.start_op(h.uid, h.ring.get(), prev, next, confirmed, p.count * element_size(p.dtype));
+}
+
+void Session::undo_early_start(ReduceHandle& h) {
+    PCCL_LOG(INFO, "peer ", my_id_.load(), ": all-reduce tag=", h.request.tag, ": the master did not confirm the early start (uid ",
+             h.uid, "): the ring changed or a peer held no ticket; starting over");
+    if (h.phase == ReduceHandle::Phase::RUNNING || h.phase == ReduceHandle::Phase::LOCAL_DONE) data_plane_.remove_op(h.uid);
+    data_plane_.void_ticket(h.uid);  // frames still coming for it are dropped
+    restore_input(h);
+    tag_by_uid_.erase(h.uid);
+    h.ring.reset();
+    h.uid = 0;
+    h.claimed_uid = 0;
+    h.confirmed = true;
+    h.deferred_end.reset();
+    h.stats = {};
+    h.phase = ReduceHandle::Phase::WAIT_GO;
+}
+
+void Session::report_end(ReduceHandle& h, wire::OpEnd end) {
+    if (h.confirmed) send_master(end);
+    else h.deferred_end = std::move(end);
+}
+
+void Session::on_ticket(const wire::OpTicket& t) {
+    if (t.epoch != epoch_) return;  // for a ring this peer already knows to be gone
+    if (auto old = tickets_.find(t.tag); old != tickets_.end()) data_plane_.void_ticket(old->second.op_uid);
+    tickets_[t.tag] = t;
+    data_plane_.add_ticket(t.op_uid);
+    if (tickets_.size() > limits::kMaxReservedOps) {  // the master drops its oldest reservation too
+        auto oldest = std::min_element(tickets_.begin(), tickets_.end(),
+                                       [](const auto& a, const auto& b) { return a.second.op_uid < b.second.op_uid; });
+        data_plane_.void_ticket(oldest->second.op_uid);
+        tickets_.erase(oldest);
+    }
+}
+
+void Session::void_all_tickets() {
+    for (const auto& [tag, t] : tickets_) data_plane_.void_ticket(t.op_uid);
+    tickets_.clear();
 }
 
 void Session::on_op_complete(uint64_t uid) {
@@ -401,7 +491,7 @@ void Session::on_op_complete(uint64_t uid) {
     h->phase = ReduceHandle::Phase::LOCAL_DONE;
     PCCL_LOG(DEBUG, "peer ", my_id_.load(), ": all-reduce tag=", h->request.tag, " uid=", uid, " done locally");
     const auto stats = data_plane_.op_stats(uid);  // complete: every byte of this peer's part is counted
-    send_master(wire::OpEnd{h->request.tag, uid, 1, 0, "", stats.tx_bytes, stats.rx_bytes});
+    report_end(*h, wire::OpEnd{h->request.tag, uid, 1, 0, "", stats.tx_bytes, stats.rx_bytes});
 }
 
 void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect, bool silent) {
@@ -414,8 +504,8 @@ void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect, bool
     h->stats = data_plane_.remove_op(uid);
     h->phase = ReduceHandle::Phase::LOCAL_FAILED;
     PCCL_LOG(INFO, "peer ", my_id_.load(), ": all-reduce tag=", h->request.tag, " failed locally: ", why.message);
-    send_master(wire::OpEnd{h->request.tag, uid, 0, suspect, why.message, h->stats.tx_bytes, h->stats.rx_bytes,
-                            static_cast<uint8_t>(silent && suspect != 0)});
+    report_end(*h, wire::OpEnd{h->request.tag, uid, 0, suspect, why.message, h->stats.tx_bytes, h->stats.rx_bytes,
+                               static_cast<uint8_t>(silent && suspect != 0)});
 }
 
 void Session::on_result(const wire::OpResult& r) {
@@ -433,6 +523,9 @@ void Session::finish_op(const std::shared_ptr<ReduceHandle>& h, Status status) {
     }
     if (!status.is_ok() && !h->cancelled) restore_input(*h);
     release_backup(*h);
+    // An early start the master refused before any OP_GO (different arguments): drop its frames.
+    if (!h->confirmed) data_plane_.void_ticket(h->uid);
+    if (h->claimed_uid != 0) data_plane_.void_ticket(h->claimed_uid);
     ops_by_tag_.erase(h->request.tag);
     tag_by_uid_.erase(h->uid);
     h->ring.reset();
@@ -694,6 +787,7 @@ void Session::end_session(const Status& why) {
     }
     auto ops = ops_by_tag_;
     for (auto& [tag, h] : ops) finish_op(h, why);
+    tickets_.clear();
     if (sync_) finish_sync(why, 0);
     if (call_) {
         auto waiters = std::move(call_->waiters);

@@ -41,6 +41,10 @@ private:
     // Reactor-only from here.
     Phase phase = Phase::WAIT_GO;
     uint64_t uid = 0;
+    // Started early under a ticket's uid (`uid`), OP_GO not here yet: the OP_END waits for it.
+    bool confirmed = true;
+    std::optional<wire::OpEnd> deferred_end;
+    uint64_t claimed_uid = 0;  // the ticket named in OP_BEGIN (0: none)
     std::unique_ptr<ring::RingAllReduce> ring;
     bool cancelled = false;
     bool recv_written = false;  // recv may hold partial results
@@ -146,6 +150,14 @@ private:
     void handle(wire::Message&& m);
     void on_topology(const wire::Topology& t);
     void on_go(const wire::OpGo& go);
+    void on_ticket(const wire::OpTicket& t);
+    void void_all_tickets();
+    // Builds the op's ring for this rank and hands it to the data plane.
+    void start_ring(ReduceHandle& h, uint32_t rank, uint32_t world, PeerId prev, PeerId next, bool confirmed);
+    // The OP_GO named another uid than the early start's: undo it (buffer restored, frames dropped).
+    void undo_early_start(ReduceHandle& h);
+    // Sends the op's OP_END, or keeps it until OP_GO confirms an early start.
+    void report_end(ReduceHandle& h, wire::OpEnd end);
     void on_bandwidth_probe(const wire::BandwidthProbe& probe);
     void stop_probe();
     void on_result(const wire::OpResult& r);
@@ -186,6 +198,7 @@ private:
     std::string end_reason_;
     std::unordered_map<uint64_t, std::shared_ptr<ReduceHandle>> ops_by_tag_;
     std::unordered_map<uint64_t, uint64_t> tag_by_uid_;
+    std::map<uint64_t, wire::OpTicket> tickets_;  // by tag, for this epoch
 
     // A bandwidth probe streams on a thread of its own and reports back through post(). The master
     // runs a peer's probes one after another; a newer probe stops an older one that still runs (its

@@ -17,7 +17,8 @@ inline constexpr uint32_t kDataMagic = 0x44434350;     // "PCCD" little endian
 // 4: the shared-state hash is XXH3-128 over 256 KiB chunks (pccl/_hashing.py), so GPUs can compute it;
 //    OP_END says whether its suspect went silent (the master drops such a suspect).
 // 5: SYNC_STALLED (a receiver's missing ranges go to other distributors in the same sync).
-inline constexpr uint16_t kProtocolVersion = 5;
+// 6: OP_TICKET and OP_BEGIN's claimed uid (an op may start before its OP_GO; see kSpeculative*).
+inline constexpr uint16_t kProtocolVersion = 6;
 // Before HELLO a connection may send only tiny frames; a registered peer's shared-state vote lists
 // every entry (name, dtype, size, hash), so it may send up to kMaxPeerToMasterFrameBytes.
 inline constexpr uint32_t kMaxUnregisteredFrameBytes = 64 * 1024;
@@ -40,6 +41,10 @@ inline constexpr size_t kMaxMasterConnections = 4096;
 inline constexpr size_t kMaxMasterSendQueueBytes = 64 * 1024 * 1024;
 // Ops one peer may have begun but not ended; more is a protocol violation.
 inline constexpr size_t kMaxOpsInFlightPerPeer = 4096;
+// Uids reserved for the next op of a (group, tag) after a success (OP_TICKET). A run that uses a
+// fresh tag for every op would otherwise grow the table forever; the oldest reservation goes first
+// (its op then simply waits for OP_GO), on the master and on every peer alike.
+inline constexpr size_t kMaxReservedOps = 4096;
 // A connection must say HELLO within this time or it is closed.
 inline constexpr milliseconds kHelloDeadline{10000};
 
@@ -100,6 +105,15 @@ inline constexpr const char* kDataCongestionControl = "cubic";
 // pieces bound when queued, each of 16 connections got a fixed 1/16 of an op, and the one that a
 // loss slowed set the op's end (100 ms RTT, 1 Gbit/s emulated WAN, 256 MiB: 3.1-3.7 s data phase).
 inline constexpr size_t kBoundAheadBytes = 256 * 1024;
+// Speculative start: a peer holding an OP_TICKET for a tag starts the ring as soon as it is called,
+// one master round trip before OP_GO confirms the op (100 ms on a WAN). Until then it sends its next
+// peer at most kSpeculativeBytes over all unconfirmed ops, and each op at most its own bytes /
+// kSpeculativeOpDivisor (never under kSpeculativeMinBytes): the next peer may not have called yet
+// and must hold those frames in memory (it never blocks a connection on them, which could stall
+// another op's frames queued behind). 16 MiB cover 100 ms at 1.3 Gbit/s.
+inline constexpr size_t kSpeculativeBytes = 16 * 1024 * 1024;
+inline constexpr size_t kSpeculativeOpDivisor = 8;
+inline constexpr size_t kSpeculativeMinBytes = 1024 * 1024;
 
 // ---- ring ----
 // Pieces are the unit of pipelining and striping: small enough that the ring streams and every

@@ -368,8 +368,9 @@ void MasterState::on_op_begin(Peer& p, const wire::OpBegin& m, Clock::time_point
         return violation(p, "began tag " + std::to_string(m.tag) + " while it is still in flight");
     }
     rec.begun.insert(p.id);
+    rec.claims.insert(m.claimed_uid);
     ++p.ops_in_flight;
-    if (!(rec.desc == m)) {
+    if (!rec.desc.same_call(m)) {
         // Everyone who began this instance is told, and the instance is forgotten at once: a peer
         // that has not begun the tag yet joins a fresh instance (most likely the others' retry)
         // instead of holding this one open, where a quick retry would look like a duplicate.
@@ -381,6 +382,7 @@ void MasterState::on_op_begin(Peer& p, const wire::OpBegin& m, Clock::time_point
         ++counters_.ops_rejected;
         for (PeerId id : rec.begun) answer_op(rec, key, id, static_cast<uint8_t>(Result::INVALID_ARGUMENT), why);
         ops_.erase(it);
+        forget_reservation(key);  // its tickets were spent on this instance
         resolve_stalemate();
         return;
     }
@@ -409,11 +411,21 @@ void MasterState::check_op_start(const OpKey& key) {
             answer_op(rec, key, id, static_cast<uint8_t>(Result::TOO_FEW_PEERS),
                       "the peer group has only one peer; wait for others to join (update_topology) and retry");
         ops_.erase(it);
+        forget_reservation(key);
         return;
     }
     rec.started = true;
-    rec.uid = next_op_uid_++;
+    // Peers that claimed the reservation may already be running the ring under its uid with the
+    // ring they were told. Confirm it only if all of them did and that ring still stands; any other
+    // case gets a fresh uid, and whoever started early undoes it (its frames are discarded).
+    auto reserved = reservations_.find(key);
+    const bool confirm_early_start = reserved != reservations_.end() && rec.claims.size() == 1 &&
+                                     *rec.claims.begin() == reserved->second.uid &&
+                                     reserved->second.participants == members;
+    rec.uid = confirm_early_start ? reserved->second.uid : next_op_uid_++;
+    forget_reservation(key);
     ++counters_.ops_started;
+    if (confirm_early_start) ++counters_.ops_started_early;
     rec.participants = members;
     const uint32_t world = static_cast<uint32_t>(members.size());
     for (uint32_t r = 0; r < world; ++r) {
@@ -427,6 +439,31 @@ void MasterState::check_op_start(const OpKey& key) {
         send_to(members[r], go);
     }
     PCCL_LOG(DEBUG, "master: op tag=", key.tag, " uid=", rec.uid, " started in group ", key.group, " with ", world, " peers");
+}
+
+void MasterState::issue_tickets(const OpKey& key, const OpRecord& rec) {
+    if (rec.participants != group_ring(key.group)) return;  // the ring is changing: no promise to make
+    forget_reservation(key);
+    const uint64_t uid = next_op_uid_++;
+    reservations_[key] = Reservation{uid, rec.participants};
+    reservation_by_uid_[uid] = key;
+    if (reservation_by_uid_.size() > limits::kMaxReservedOps) {
+        // Peers evict the same oldest ticket; either way a stale claim only costs its early start.
+        reservations_.erase(reservation_by_uid_.begin()->second);
+        reservation_by_uid_.erase(reservation_by_uid_.begin());
+    }
+    const uint32_t world = static_cast<uint32_t>(rec.participants.size());
+    for (uint32_t r = 0; r < world; ++r)
+        send_to(rec.participants[r], wire::OpTicket{key.tag, uid, epoch_, r, world,
+                                                    rec.participants[(r + world - 1) % world],
+                                                    rec.participants[(r + 1) % world]});
+}
+
+void MasterState::forget_reservation(const OpKey& key) {
+    auto it = reservations_.find(key);
+    if (it == reservations_.end()) return;
+    reservation_by_uid_.erase(it->second.uid);
+    reservations_.erase(it);
 }
 
 void MasterState::check_all_ops(uint32_t group) {
@@ -469,6 +506,7 @@ void MasterState::finish_op(const OpKey& key, uint8_t result, const std::string&
     OpRecord& rec = it->second;
     if (result == static_cast<uint8_t>(Result::SUCCESS)) {
         ++counters_.ops_completed;
+        issue_tickets(key, rec);  // before the results, so a peer's next call already holds its ticket
     } else {
         ++counters_.ops_failed;
         last_op_failure_ = OpFailure{key.group, key.tag, rec.uid, message, Clock::now()};

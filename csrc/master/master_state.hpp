@@ -96,6 +96,13 @@ private:
         std::set<PeerId> ended_ok;
         std::set<PeerId> answered;         // got their OP_RESULT already
         Clock::time_point created{};       // for the status page only
+        // Ticket uids claimed in OP_BEGIN: the reservation is used only if every member claimed it.
+        std::set<uint64_t> claims;
+    };
+    // The uid promised to the next op of a (group, tag) by OP_TICKET, valid for this ring only.
+    struct Reservation {
+        uint64_t uid = 0;
+        std::vector<PeerId> participants;  // ring order when it was issued
     };
 
     struct SyncRound {
@@ -182,6 +189,8 @@ private:
     void check_all_ops(uint32_t group);
     void finish_op(const OpKey& key, uint8_t result, const std::string& message);
     void answer_op(OpRecord& rec, const OpKey& key, PeerId peer, uint8_t result, const std::string& message);
+    void issue_tickets(const OpKey& key, const OpRecord& rec);
+    void forget_reservation(const OpKey& key);
 
     Outbox& out_;
     std::chrono::milliseconds peer_timeout_;
@@ -190,6 +199,8 @@ private:
     std::vector<PeerId> ring_;  // accepted peers in ring order (all groups interleaved)
     std::vector<PeerId> pending_order_;
     std::map<OpKey, OpRecord> ops_;
+    std::map<OpKey, Reservation> reservations_;
+    std::map<uint64_t, OpKey> reservation_by_uid_;  // oldest first, for the kMaxReservedOps bound
     std::map<uint32_t, SyncRound> syncs_;            // by group
     std::map<uint32_t, uint64_t> group_revision_;    // last synced shared-state revision per group
     uint64_t next_sync_uid_ = 1;

@@ -224,6 +224,7 @@ std::string render_status_json(const StatusSnapshot& s) {
     j.key("peers_registered").u64(c.peers_registered);
     j.key("peers_dropped").u64(c.peers_dropped);
     j.key("ops_started").u64(c.ops_started);
+    j.key("ops_started_early").u64(c.ops_started_early);
     j.key("ops_completed").u64(c.ops_completed);
     j.key("ops_failed").u64(c.ops_failed);
     j.key("ops_rejected").u64(c.ops_rejected);

@@ -86,6 +86,7 @@ struct StatusCounters {
     uint64_t peers_registered = 0;
     uint64_t peers_dropped = 0;
     uint64_t ops_started = 0;
+    uint64_t ops_started_early = 0;  // OP_GO confirmed the uid every peer had claimed from its ticket
     uint64_t ops_completed = 0;
     uint64_t ops_failed = 0;        // started, then failed (a peer failed or left)
     uint64_t ops_rejected = 0;      // never started: descriptors disagreed, or a group of one

@@ -60,7 +60,7 @@ void encode_payload(const Message& m, Writer& w) {
                    [&](const VotePeersPending&) {},
                    [&](const OpBegin& x) {
                        w.u64(x.tag); w.u64(x.count); w.u8(x.dtype); w.u8(x.op);
-                       w.u8(x.quant_algorithm); w.u8(x.quant_dtype);
+                       w.u8(x.quant_algorithm); w.u8(x.quant_dtype); w.u64(x.claimed_uid);
                    },
                    [&](const OpEnd& x) {
                        w.u64(x.tag); w.u64(x.op_uid); w.u8(x.ok); w.u64(x.blamed_peer); w.string(bounded(x.reason));
@@ -77,6 +77,10 @@ void encode_payload(const Message& m, Writer& w) {
                    [&](const PeersPendingAnswer& x) { w.u8(x.pending); },
                    [&](const OpGo& x) {
                        w.u64(x.tag); w.u64(x.op_uid); w.u32(x.rank); w.u32(x.world);
+                       w.u64(x.prev_peer); w.u64(x.next_peer);
+                   },
+                   [&](const OpTicket& x) {
+                       w.u64(x.tag); w.u64(x.op_uid); w.u64(x.epoch); w.u32(x.rank); w.u32(x.world);
                        w.u64(x.prev_peer); w.u64(x.next_peer);
                    },
                    [&](const OpResult& x) { w.u64(x.tag); w.u64(x.op_uid); w.u8(x.result); w.string(bounded(x.message)); },
@@ -122,7 +126,7 @@ MsgType type_of(const Message& m) {
         MsgType::OP_GO,   MsgType::OP_RESULT, MsgType::KICKED, MsgType::MASTER_HEARTBEAT,
         MsgType::SYNC_VOTE, MsgType::SYNC_RESULT, MsgType::SYNC_PLAN, MsgType::SYNC_SEND_MORE, MsgType::SYNC_DONE,
         MsgType::SYNC_STALLED,
-        MsgType::VOTE_OPTIMIZE_TOPOLOGY, MsgType::BANDWIDTH_PROBE, MsgType::BANDWIDTH_REPORT,
+        MsgType::VOTE_OPTIMIZE_TOPOLOGY, MsgType::BANDWIDTH_PROBE, MsgType::BANDWIDTH_REPORT, MsgType::OP_TICKET,
     };
     static_assert(std::size(kTypes) == std::variant_size_v<Message>);
     return kTypes[m.index()];
@@ -146,6 +150,7 @@ const char* type_name(MsgType t) {
         case MsgType::OP_RESULT: return "OP_RESULT";
         case MsgType::KICKED: return "KICKED";
         case MsgType::MASTER_HEARTBEAT: return "MASTER_HEARTBEAT";
+        case MsgType::OP_TICKET: return "OP_TICKET";
         case MsgType::SYNC_VOTE: return "SYNC_VOTE";
         case MsgType::SYNC_RESULT: return "SYNC_RESULT";
         case MsgType::SYNC_PLAN: return "SYNC_PLAN";
@@ -183,7 +188,7 @@ std::optional<Message> decode_payload(uint16_t type, std::span<const uint8_t> pa
         case MsgType::OP_BEGIN: {
             OpBegin x;
             x.tag = r.u64(); x.count = r.u64(); x.dtype = r.u8(); x.op = r.u8();
-            x.quant_algorithm = r.u8(); x.quant_dtype = r.u8();
+            x.quant_algorithm = r.u8(); x.quant_dtype = r.u8(); x.claimed_uid = r.u64();
             m = x;
             break;
         }
@@ -212,6 +217,13 @@ std::optional<Message> decode_payload(uint16_t type, std::span<const uint8_t> pa
         case MsgType::OP_GO: {
             OpGo x;
             x.tag = r.u64(); x.op_uid = r.u64(); x.rank = r.u32(); x.world = r.u32();
+            x.prev_peer = r.u64(); x.next_peer = r.u64();
+            m = x;
+            break;
+        }
+        case MsgType::OP_TICKET: {
+            OpTicket x;
+            x.tag = r.u64(); x.op_uid = r.u64(); x.epoch = r.u64(); x.rank = r.u32(); x.world = r.u32();
             x.prev_peer = r.u64(); x.next_peer = r.u64();
             m = x;
             break;

@@ -35,6 +35,7 @@ enum class MsgType : uint16_t {
     OP_RESULT = 69,
     KICKED = 70,
     MASTER_HEARTBEAT = 71,
+    OP_TICKET = 72,
     // shared-state sync, peer -> master
     SYNC_VOTE = 100,
     SYNC_RESULT = 101,
@@ -79,7 +80,13 @@ struct OpBegin {
     uint8_t op = 0;
     uint8_t quant_algorithm = 0;
     uint8_t quant_dtype = 0;
-    bool operator==(const OpBegin&) const = default;
+    // The uid of this peer's OP_TICKET for the tag (0: none), under which it may already be sending.
+    uint64_t claimed_uid = 0;
+    // Same arguments (the claim is not an argument).
+    bool same_call(const OpBegin& o) const {
+        return tag == o.tag && count == o.count && dtype == o.dtype && op == o.op &&
+               quant_algorithm == o.quant_algorithm && quant_dtype == o.quant_dtype;
+    }
 };
 // tx/rx_bytes: what this peer's part of the op put on and took off the wire (data frames with
 // their headers), reported so the master can count the bytes its collectives moved.
@@ -105,6 +112,19 @@ struct PeersPendingAnswer { uint8_t pending = 0; };
 struct OpGo {
     uint64_t tag = 0;
     uint64_t op_uid = 0;
+    uint32_t rank = 0;
+    uint32_t world = 0;
+    uint64_t prev_peer = 0;
+    uint64_t next_peer = 0;
+};
+// Sent with the OP_RESULT of a successful op, before it: the uid reserved for the next op of this
+// tag in this group, and this peer's place in its ring. A peer that calls the tag again claims it in
+// OP_BEGIN and may start at once; OP_GO confirms the uid when every member claimed it and the ring
+// is unchanged, otherwise it names a fresh uid and the early start is undone.
+struct OpTicket {
+    uint64_t tag = 0;
+    uint64_t op_uid = 0;
+    uint64_t epoch = 0;
     uint32_t rank = 0;
     uint32_t world = 0;
     uint64_t prev_peer = 0;
@@ -167,7 +187,7 @@ using Message = std::variant<Hello, Heartbeat, VoteUpdateTopology, P2PReady, Vot
                              Goodbye, Welcome, Topology, TopologyComplete, PeersPendingAnswer, OpGo, OpResult,
                              Kicked, MasterHeartbeat, SyncVote, SyncResult, SyncPlan, SyncSendMore, SyncDone,
                              SyncStalled,
-                             VoteOptimizeTopology, BandwidthProbe, BandwidthReport>;
+                             VoteOptimizeTopology, BandwidthProbe, BandwidthReport, OpTicket>;
 
 MsgType type_of(const Message& m);
 const char* type_name(MsgType t);
