@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -57,8 +58,8 @@ def bus_gbit(nbytes: int, world: int, seconds: float) -> float:
 
 # ------------------------------------------------------------------------------------ peer side
 
-def time_point(comm: Any, data: list, quant: str, reps: int, warmup: int) -> tuple[float, str, bool]:
-    """Best of `reps` all-reduces of every tensor of `data` at once, after `warmup` untimed ones; the
+def time_point(comm: Any, data: list, quant: str, reps: int, warmup: int) -> tuple[list[float], str, bool]:
+    """The times of `reps` all-reduces of every tensor of `data` at once, after `warmup` untimed ones; the
     results' digest, and whether every peer ended with that same digest (its minimum and maximum over
     the group agree)."""
     import numpy as np
@@ -69,7 +70,7 @@ def time_point(comm: Any, data: list, quant: str, reps: int, warmup: int) -> tup
     if quant != "none":
         options = pccl.QuantizationOptions(quantized_datatype=pccl.DataType.UINT8,
                                            algorithm=pccl.QuantizationAlgorithm.MIN_MAX)
-    best = float("inf")
+    times = []
     # Destinations touched before the clock starts: first-touch page faults on 256 MiB cost this
     # VM about half a second, which is the kernel's, not the network's.
     outs = [np.empty_like(x) for x in data]
@@ -84,7 +85,7 @@ def time_point(comm: Any, data: list, quant: str, reps: int, warmup: int) -> tup
             if not ok:
                 raise RuntimeError(f"all-reduce failed: {status}")
         if rep >= warmup:
-            best = min(best, time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
     h = xxhash.xxh3_64()
     for out in outs:
         h.update(out)
@@ -92,7 +93,7 @@ def time_point(comm: Any, data: list, quant: str, reps: int, warmup: int) -> tup
     low, high = digest.copy(), digest.copy()
     comm.all_reduce(digest, low, op=pccl.ReduceOp.MIN, tag=PARITY_TAG)
     comm.all_reduce(digest, high, op=pccl.ReduceOp.MAX, tag=PARITY_TAG)
-    return best, h.hexdigest(), bool(low[0] == high[0])
+    return times, h.hexdigest(), bool(low[0] == high[0])
 
 
 def run_peer(args: argparse.Namespace) -> list[dict]:
@@ -113,11 +114,11 @@ def run_peer(args: argparse.Namespace) -> list[dict]:
         for tensors in args.tensors:
             data = [np.ascontiguousarray(x) for x in np.array_split(values, tensors)]
             for quant in args.quant:
-                seconds, digest, agree = time_point(comm, data, quant, args.reps, args.warmup)
+                times, digest, agree = time_point(comm, data, quant, args.reps, args.warmup)
                 if not agree:
                     raise RuntimeError(f"peers ended pool {pool} x{tensors} {quant} with different bits")
-                point = {"kind": "point", "pool": pool, "tensors": tensors, "quant": quant, "seconds": seconds,
-                         "digest": digest, "world": args.world}
+                point = {"kind": "point", "pool": pool, "tensors": tensors, "quant": quant, "seconds": min(times),
+                         "median_seconds": statistics.median(times), "digest": digest, "world": args.world}
                 results.append(point)
                 if args.quiet:
                     print(json.dumps(point), flush=True)
@@ -137,16 +138,16 @@ def run_gloo_peer(args: argparse.Namespace) -> None:
     for tensors in args.tensors:
         data = [x.clone() for x in torch.tensor_split(values, tensors)]
         dist.barrier()
-        best = float("inf")
+        times = []
         for rep in range(args.warmup + args.reps):
             start = time.perf_counter()
             works = [dist.all_reduce(x, async_op=True) for x in data]
             for w in works:
                 w.wait()
             if rep >= args.warmup:
-                best = min(best, time.perf_counter() - start)
-        print(json.dumps({"kind": "point", "pool": 0, "tensors": tensors, "quant": "gloo", "seconds": best,
-                          "digest": "", "world": args.world}), flush=True)
+                times.append(time.perf_counter() - start)
+        print(json.dumps({"kind": "point", "pool": 0, "tensors": tensors, "quant": "gloo", "seconds": min(times),
+                          "median_seconds": statistics.median(times), "digest": "", "world": args.world}), flush=True)
     dist.destroy_process_group()
 
 
@@ -262,6 +263,7 @@ def check_parity(points: list[list[dict]]) -> list[dict]:
         if len(digests) != 1:
             raise RuntimeError(f"peers disagree on the result of {per_point[0]}: {digests}")
         per_point[0]["slowest_seconds"] = max(p["seconds"] for p in per_point)
+        per_point[0]["slowest_median_seconds"] = max(p["median_seconds"] for p in per_point)
     return points[0]
 
 
@@ -280,9 +282,9 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
     # Both modes raise before this point when peers disagree (parity all-reduces, digests).
     print("check: every peer ended every point with the same bits: passed")
     print(f"\n{args.size / 2**20:.0f} MiB float32 SUM, {args.world} peers"
-          + (f", emulated link {args.emulate}" if args.emulate else "") + f", best of {args.reps} after {args.warmup} untimed")
+          + (f", emulated link {args.emulate}" if args.emulate else "") + f", best and median of {args.reps} after {args.warmup} untimed")
     print(f"{'library':8} {'pool':>4} {'tensors':>7} {'wire':>6} {'time s':>8} {'bus Gbit/s':>10}"
-          + (f" {'of link':>8}" if link else ""))
+          + (f" {'of link':>8}" if link else "") + f" {'median s':>9}" + (f" {'of link':>8}" if link else ""))
     for r in results:
         seconds = r.get("slowest_seconds", r["seconds"])
         gbit = bus_gbit(args.size, args.world, seconds)
@@ -290,8 +292,11 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
         lib = "gloo" if r["quant"] == "gloo" else "pccl"
         wire = "fp32" if r["quant"] in ("none", "gloo") else r["quant"]
         pool = "-" if lib == "gloo" else str(r["pool"])
+        median = r.get("slowest_median_seconds", r["median_seconds"])
+        median_gbit = bus_gbit(args.size, args.world, median)
         print(f"{lib:8} {pool:>4} {r['tensors']:>7} {wire:>6} {seconds:>8.2f} {gbit:>10.3f}"
-              + (f" {gbit / link:>7.0%}" if link else ""))
+              + (f" {gbit / link:>7.0%}" if link else "") + f" {median:>9.2f}"
+              + (f" {median_gbit / link:>7.0%}" if link else ""))
     if args.plot:
         plot(results, args, link)
     if args.json:
