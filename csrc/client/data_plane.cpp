@@ -281,6 +281,7 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
         op->second.ring->on_piece_sent(token);
         return;
     }
+    wire::DataHeader h;
     if (ActiveOp& o = op->second; !o.confirmed) {
         uint64_t& early_out = early_out_bytes_[next];
         if (!o.held.empty() || o.early_sent + bytes > o.early_budget || early_out + bytes > limits::kSpeculativeBytes) {
@@ -289,8 +290,8 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
         }
         o.early_sent += bytes;
         early_out += bytes;
+        h.aux = wire::kDataFlagEarly;
     }
-    wire::DataHeader h;
     h.kind = static_cast<uint8_t>(wire::DataFrameKind::DATA);
     h.phase = static_cast<uint8_t>(phase);
     h.length = bytes;
@@ -414,7 +415,10 @@ void DataPlane::close_in(uint64_t id, const std::string& why) {
 bool DataPlane::route_header(InConn& c) {
     const uint64_t uid = c.h.a;
     if (auto it = ops_.find(uid); it != ops_.end()) return route_to_op(c, it->second);
-    if (tickets_.contains(uid)) {
+    // Only frames sent before their sender's OP_GO are kept in memory: this peer may not have called
+    // that op yet, and other ops' frames may be queued behind them. A confirmed frame means this
+    // peer claimed the ticket too, so its own OP_GO is on the way: it parks the connection.
+    if (tickets_.contains(uid) && (c.h.aux & wire::kDataFlagEarly)) {
         uint64_t& kept = early_in_bytes_[c.peer];
         if (kept + c.h.length <= limits::kSpeculativeBytes) {
             kept += c.h.length;
@@ -431,8 +435,7 @@ bool DataPlane::route_header(InConn& c) {
             c.state = InState::STASH;
             return true;
         }
-        // More than a sender may send early (or confirmed frames racing this peer's OP_GO): park
-        // the connection until the op starts here.
+        // More than a sender may send early: park the connection until the op starts here.
         c.state = InState::PARKED;
         parked_.insert(c.id);
         loop_.modify(c.watch, 0);
@@ -669,8 +672,9 @@ void DataPlane::unpark_all() {
         if (it == in_.end()) continue;
         const auto& h = it->second->h;
         const bool sync = h.kind == static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA);
+        const bool early = (h.aux & wire::kDataFlagEarly) != 0;
         if (sync ? h.a <= max_sync_uid_
-                 : ops_.contains(h.a) || tickets_.contains(h.a) || h.a <= max_go_uid_)
+                 : ops_.contains(h.a) || (tickets_.contains(h.a) ? early : h.a <= max_go_uid_))
             ready.push_back(id);
     }
     for (uint64_t id : ready) {

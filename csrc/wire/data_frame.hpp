@@ -1,6 +1,7 @@
 // The fixed 32-byte header of every frame on a peer-to-peer data connection:
 //   magic u32 'PCCD' | version u16 | kind u8 | phase u8 | length u32 | aux u32 | a u64 | b u64
-//   DATA:          a = op uid, b = element offset, length = payload bytes, phase = ring phase
+//   DATA:          a = op uid, b = element offset, length = payload bytes, phase = ring phase,
+//                  aux = kDataFlagEarly when queued before the sender's OP_GO (an early start)
 //   P2P_HELLO:     a = sender peer id, b = receiver peer id, aux = connection index (no payload)
 //   P2P_HELLO_ACK: echoes the hello
 //   SYNC_DATA:     a = sync uid, b = byte offset in the entry, aux = entry index, length = payload
@@ -19,6 +20,8 @@ inline constexpr size_t kDataHeaderBytes = 32;
 
 enum class DataFrameKind : uint8_t { P2P_HELLO = 1, P2P_HELLO_ACK = 2, DATA = 3, SYNC_DATA = 4, PROBE_HELLO = 5 };
 enum class RingPhase : uint8_t { REDUCE_SCATTER = 0, ALL_GATHER = 1 };
+// A DATA frame of an op its sender started early: its receiver may not have called the op yet.
+inline constexpr uint32_t kDataFlagEarly = 1;
 
 struct DataHeader {
     uint32_t magic = limits::kDataMagic;
@@ -61,7 +64,7 @@ inline bool header_is_sane(const DataHeader& h) {
     return h.magic == limits::kDataMagic && h.version == limits::kProtocolVersion &&
            h.kind >= static_cast<uint8_t>(DataFrameKind::P2P_HELLO) && h.kind <= static_cast<uint8_t>(DataFrameKind::PROBE_HELLO) &&
            h.length <= limits::kMaxDataPieceBytes &&
-           (h.kind == static_cast<uint8_t>(DataFrameKind::DATA)        ? h.phase <= 1
+           (h.kind == static_cast<uint8_t>(DataFrameKind::DATA)        ? h.phase <= 1 && h.aux <= kDataFlagEarly
             : h.kind == static_cast<uint8_t>(DataFrameKind::SYNC_DATA) ? h.length > 0
                                                                         : h.length == 0);
 }
