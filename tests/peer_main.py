@@ -660,9 +660,11 @@ def scenario_steps(spec: dict[str, Any]) -> None:
         x = np.full(step["count"], index + 1, dtype=np.float32)
         y = x if step.get("inplace", True) else np.zeros_like(x)
         try:
+            t0 = time.perf_counter()
             info = comm.all_reduce(x, y, tag=step.get("tag", 0))
+            seconds = time.perf_counter() - t0
             emit(event="step", n=n, ok=True, world=info.local_world_size, value=float(y[0]),
-                 uniform=bool(np.all(y == y[0])), digest=digest(y))
+                 uniform=bool(np.all(y == y[0])), digest=digest(y), seconds=seconds)
         except PCCLError as e:
             emit(event="step", n=n, ok=False, result=e.result.name, message=str(e),
                  intact=bool(np.all(x == index + 1)))

@@ -110,3 +110,15 @@ def test_early_start_on_a_ring_that_lost_a_peer_is_undone():
             assert s[1]["ok"] and s[1]["world"] == 2 and s[1]["value"] == 3.0 and s[1]["uniform"], s
             assert "did not confirm the early start" in "".join(p.stderr), "".join(p.stderr)[-2000:]
         hung.kill()
+
+
+def test_switched_off_peers_keep_confirmed_frames_of_an_older_reservation():
+    """With early start off, a reserved uid can be older than the last OP_GO a peer saw (tag 2 ran
+    under a fresh uid after tag 1's ticket was issued). Frames of the confirmed tag-1 op that beat
+    the receiver's own OP_GO must wait for it, not be taken for a finished op and discarded."""
+    with Cluster(peer_timeout_s=3) as c:
+        env = {"PCCL_SPECULATIVE_START": "off"}
+        steps = [{"tag": 1 + (n % 2), "count": 4 * MiB_FLOATS + 1} for n in range(40)]
+        peers = [c.peer("steps", index=i, world=2, pool=4, env=env, steps=steps) for i in range(2)]
+        for p in peers:
+            assert all(s["ok"] and s["value"] == 3.0 and s["uniform"] for s in steps_of(p, 40))

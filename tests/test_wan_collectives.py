@@ -229,3 +229,33 @@ def test_a_newcomer_that_cannot_reach_its_next_is_turned_away_and_the_ring_carri
         for p in members:
             events = p.finish(timeout=30)
             assert not [e for e in events if e.get("event") == "fail"], [e for e in events if e.get("event") == "fail"]
+
+
+def test_confirmed_frames_that_beat_the_receivers_go_wait_for_it(cluster):
+    """The master sits far from peer 1 (200 ms) and next to peer 0 (2 ms), which is 2 ms from
+    peer 1: peer 0's OP_GO comes ~100 ms before peer 1's, so its frames reach peer 1 first. With
+    early start off, tag 1's third op runs under the uid reserved at its first success, below the
+    fresh uid tag 2 took since: peer 1 must hold those frames for its OP_GO (a bug once discarded
+    them as a finished op's, and the op hung until the deadline). With early start on, the same
+    steps show what it saves (ops this small finish before OP_GO and end in one round trip to the
+    master instead of two): the times are printed, not asserted."""
+    links = {(2, 1): "rtt=200ms", (1, 2): "rtt=200ms"}
+    steps = [{"tag": 1}, {"tag": 2}, {"tag": 1}, {"tag": 2}, {"tag": 1}]
+    times = {}
+    with WanEmulator(3, "rtt=2ms", links) as wan:
+        for mode in ("off", "on"):
+            c = cluster(listen=f"{wan.host_ip(2)}:0", prefix=wan.exec_prefix(2), peer_timeout_s=3)
+            peers = [c.peer("steps", index=i, world=2, pool=2, env={"PCCL_SPECULATIVE_START": mode},
+                            steps=[dict(s, count=1 << 17) for s in steps], prefix=wan.exec_prefix(i))
+                     for i in range(2)]
+            results = []
+            for p in peers:
+                events = p.finish(timeout=JOIN_TIMEOUT_S)
+                results.append([e for e in events if e.get("event") == "step"])
+            c.close()
+            for r in results:
+                assert len(r) == len(steps) and all(s["ok"] and s["value"] == 3.0 and s["uniform"] for s in r), r
+            times[mode] = [max(r[n]["seconds"] for r in results) for n in range(len(steps))]
+    print(f"\n512 KiB all-reduces, master 200 ms from one peer: early start off "
+          f"{', '.join(f'{t * 1000:.0f}' for t in times['off'])} ms; on "
+          f"{', '.join(f'{t * 1000:.0f}' for t in times['on'])} ms")

@@ -101,6 +101,13 @@ Status DataPlane::listen(int family, uint16_t& port_out) {
     return Status::ok();
 }
 
+void DataPlane::set_identity(PeerId me) {
+    me_ = me;
+    for (uint64_t id : awaiting_identity_)
+        if (auto it = in_.find(id); it != in_.end()) loop_.modify(it->second->watch, kInEvents);  // level-triggered: it fires
+    awaiting_identity_.clear();
+}
+
 void DataPlane::set_directory(std::map<PeerId, net::Endpoint> directory) {
     std::vector<PeerId> gone;
     for (const auto& [peer, ep] : directory_)
@@ -400,6 +407,7 @@ void DataPlane::close_in(uint64_t id, const std::string& why) {
         if (f != early_frames_.end()) {
             early_in_bytes_[f->second.peer] -= f->second.payload.size();
             early_frames_.erase(f);
+            loop_.post([this] { unpark_all(); });  // a connection may be parked on that memory
         }
     }
     in_.erase(it);
@@ -418,9 +426,9 @@ bool DataPlane::route_header(InConn& c) {
     // Only frames sent before their sender's OP_GO are kept in memory: this peer may not have called
     // that op yet, and other ops' frames may be queued behind them. A confirmed frame means this
     // peer claimed the ticket too, so its own OP_GO is on the way: it parks the connection.
-    if (tickets_.contains(uid) && (c.h.aux & wire::kDataFlagEarly)) {
+    if (tickets_.contains(uid)) {
         uint64_t& kept = early_in_bytes_[c.peer];
-        if (kept + c.h.length <= limits::kSpeculativeBytes) {
+        if ((c.h.aux & wire::kDataFlagEarly) && kept + c.h.length <= limits::kSpeculativeBytes) {
             kept += c.h.length;
             const uint64_t key = next_early_key_++;
             EarlyFrame& f = early_frames_[key];
@@ -435,7 +443,9 @@ bool DataPlane::route_header(InConn& c) {
             c.state = InState::STASH;
             return true;
         }
-        // More than a sender may send early: park the connection until the op starts here.
+        // A confirmed frame (this peer's OP_GO is on the way), or more than a sender may send early:
+        // park the connection until the op starts here. Its uid may be below max_go_uid_ (reserved
+        // before later ops began), so the rule below would discard it.
         c.state = InState::PARKED;
         parked_.insert(c.id);
         loop_.modify(c.watch, 0);
@@ -515,6 +525,7 @@ void DataPlane::finish_stash(InConn& c) {
     } else if (!tickets_.contains(uid)) {
         early_in_bytes_[it->second.peer] -= it->second.payload.size();
         early_frames_.erase(it);
+        unpark_all();  // a connection may be parked on that memory
     }
 }
 
@@ -579,6 +590,13 @@ void DataPlane::on_in_io(uint64_t id, uint32_t events) {
     InConn& c = *it->second;
     if (c.state == InState::PARKED) {
         if (events & (EPOLLHUP | EPOLLERR)) close_in(id, "connection reset while parked");
+        return;
+    }
+    if (c.state == InState::HELLO && me_ == 0) {
+        // A ring member learnt of this peer before this peer's own WELCOME arrived (its master is
+        // nearer to them): the handshake names an id this peer does not know yet, so it waits.
+        loop_.modify(c.watch, 0);
+        awaiting_identity_.push_back(id);
         return;
     }
     size_t budget = kReadBudgetBytes;
@@ -730,6 +748,14 @@ void DataPlane::confirm_op(uint64_t uid) {
     std::vector<HeldPiece> held = std::move(op.held);
     op.held.clear();
     for (const auto& p : held) enqueue(next, uid, p.phase, p.offset, p.bytes, p.data, p.token);
+    note_go(uid);  // late frames of it are discarded once it is over, like any confirmed op's
+}
+
+void DataPlane::release_early_share(uint64_t uid) {
+    auto it = early_retained_.find(uid);
+    if (it == early_retained_.end()) return;
+    early_out_bytes_[it->second.first] -= it->second.second;
+    early_retained_.erase(it);
 }
 
 void DataPlane::maybe_complete(uint64_t uid) {
@@ -748,9 +774,13 @@ DataPlane::OpStats DataPlane::remove_op(uint64_t uid) {
     auto it = ops_.find(uid);
     if (it == ops_.end()) return stats;
     stats = it->second.stats;
-    early_out_bytes_[it->second.next] -= it->second.early_sent;
-    // An early start has no OP_GO behind its uid yet: its late frames must be discarded, not parked.
-    if (!it->second.confirmed) max_go_uid_ = std::max(max_go_uid_, uid);
+    if (!it->second.confirmed) {
+        // The next peer may still keep this op's early frames (it frees them once it calls the tag),
+        // so they stay charged to the allowance until the tag's OP_GO or OP_RESULT here.
+        if (it->second.early_sent > 0) early_retained_[uid] = {it->second.next, it->second.early_sent};
+        // No OP_GO is behind its uid yet: its late frames must be discarded, not parked.
+        max_go_uid_ = std::max(max_go_uid_, uid);
+    }
     ops_.erase(it);
     for (auto& [peer, pool] : pools_) pool.backlog.drop_op(uid);
     for (auto& [id, c] : out_) c->queue.drop_op(uid);
@@ -987,11 +1017,13 @@ void DataPlane::close_all() {
     in_.clear();
     pools_.clear();
     parked_.clear();
+    awaiting_identity_.clear();
     ops_.clear();
     tickets_.clear();
     early_frames_.clear();
     early_in_bytes_.clear();
     early_out_bytes_.clear();
+    early_retained_.clear();
     syncs_.clear();
     if (listener_.valid()) {
         loop_.unwatch(listener_watch_);

@@ -63,7 +63,8 @@ public:
     ~DataPlane();
 
     Status listen(int family, uint16_t& port_out);
-    void set_identity(PeerId me) { me_ = me; }
+    // This peer's id from WELCOME; handshakes that arrived before it resume.
+    void set_identity(PeerId me);
     // Peers absent from the directory lose their connections; their ops fail.
     void set_directory(std::map<PeerId, net::Endpoint> directory);
 
@@ -82,6 +83,9 @@ public:
                   uint64_t op_bytes = 0);
     // OP_GO confirmed an early start: its held frames go out and deadlines apply from now.
     void confirm_op(uint64_t uid);
+    // An early start removed before OP_GO keeps its early bytes charged to the next peer's
+    // allowance (that peer may still hold them) until the tag's OP_GO or OP_RESULT calls this.
+    void release_early_share(uint64_t uid);
     // A ticket's uid: its frames are kept in memory until the op starts here (or the ticket is voided).
     void add_ticket(uint64_t uid);
     // The ticket will never be used here: frames kept for it are dropped, later ones discarded.
@@ -247,12 +251,14 @@ private:
     std::unordered_map<PeerId, Pool> pools_;
     std::unordered_map<uint64_t, ActiveOp> ops_;
     std::set<uint64_t> parked_;
+    std::vector<uint64_t> awaiting_identity_;  // incoming handshakes that came before WELCOME
     uint64_t max_go_uid_ = 0;
     std::set<uint64_t> tickets_;
     std::map<uint64_t, EarlyFrame> early_frames_;            // by arrival
     uint64_t next_early_key_ = 1;
     std::unordered_map<PeerId, uint64_t> early_in_bytes_;    // kept for each previous peer
     std::unordered_map<PeerId, uint64_t> early_out_bytes_;   // sent unconfirmed to each next peer
+    std::unordered_map<uint64_t, std::pair<PeerId, uint64_t>> early_retained_;  // removed early starts' share
     std::unordered_map<uint64_t, SyncState> syncs_;
     uint64_t max_sync_uid_ = 0;
     uint64_t next_conn_id_ = 1;

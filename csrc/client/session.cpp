@@ -180,11 +180,14 @@ void Session::cancel(ReduceHandle& handle) {
         if (it != ops_by_tag_.end() && it->second.get() == target && !target->cancelled) {
             auto h = it->second;
             h->cancelled = true;
-            if (h->phase == ReduceHandle::Phase::RUNNING) {
+            // An early start that finished locally is not confirmed yet (nor might it ever be, and then
+            // the undo could not restore the buffer after the backup is given back): fail it too.
+            if (h->phase == ReduceHandle::Phase::RUNNING ||
+                (h->phase == ReduceHandle::Phase::LOCAL_DONE && !h->confirmed)) {
                 h->stats = data_plane_.remove_op(h->uid);
                 h->phase = ReduceHandle::Phase::LOCAL_FAILED;
-                report_end(*h, wire::OpEnd{h->request.tag, h->uid, 0, 0, "interrupted by the caller", h->stats.tx_bytes,
-                                           h->stats.rx_bytes});
+                send_master(wire::OpEnd{h->request.tag, h->uid, 0, 0, "interrupted by the caller", h->stats.tx_bytes,
+                                        h->stats.rx_bytes});
             }
             // LOCAL_DONE already told the master "ok": the op may succeed everywhere, so keep the result.
             if (h->phase == ReduceHandle::Phase::LOCAL_FAILED) restore_input(*h);
@@ -391,15 +394,11 @@ void Session::on_go(const wire::OpGo& go) {
     auto it = ops_by_tag_.find(go.tag);
     if (it != ops_by_tag_.end() && it->second->uid != 0 && !it->second->confirmed) {
         auto h = it->second;
+        data_plane_.release_early_share(h->uid);  // every member called the tag: no stash waits for it
         if (go.op_uid == h->uid) {
             h->confirmed = true;
             PCCL_LOG(DEBUG, "peer ", my_id_.load(), ": all-reduce tag=", go.tag, " uid=", go.op_uid, " go confirms the early start");
             data_plane_.confirm_op(h->uid);
-            if (h->deferred_end) {
-                wire::OpEnd end = std::move(*h->deferred_end);
-                h->deferred_end.reset();
-                send_master(end);
-            }
             return;
         }
         undo_early_start(*h);  // then start afresh below
@@ -449,20 +448,14 @@ void Session::undo_early_start(ReduceHandle& h) {
              h.uid, "): the ring changed or a peer held no ticket; starting over");
     if (h.phase == ReduceHandle::Phase::RUNNING || h.phase == ReduceHandle::Phase::LOCAL_DONE) data_plane_.remove_op(h.uid);
     data_plane_.void_ticket(h.uid);  // frames still coming for it are dropped
-    restore_input(h);
+    if (!h.cancelled) restore_input(h);  // cancel() restored it and gave the backup back
     tag_by_uid_.erase(h.uid);
     h.ring.reset();
     h.uid = 0;
     h.claimed_uid = 0;
     h.confirmed = true;
-    h.deferred_end.reset();
     h.stats = {};
     h.phase = ReduceHandle::Phase::WAIT_GO;
-}
-
-void Session::report_end(ReduceHandle& h, wire::OpEnd end) {
-    if (h.confirmed) send_master(end);
-    else h.deferred_end = std::move(end);
 }
 
 void Session::on_ticket(const wire::OpTicket& t) {
@@ -491,7 +484,7 @@ void Session::on_op_complete(uint64_t uid) {
     h->phase = ReduceHandle::Phase::LOCAL_DONE;
     PCCL_LOG(DEBUG, "peer ", my_id_.load(), ": all-reduce tag=", h->request.tag, " uid=", uid, " done locally");
     const auto stats = data_plane_.op_stats(uid);  // complete: every byte of this peer's part is counted
-    report_end(*h, wire::OpEnd{h->request.tag, uid, 1, 0, "", stats.tx_bytes, stats.rx_bytes});
+    send_master(wire::OpEnd{h->request.tag, uid, 1, 0, "", stats.tx_bytes, stats.rx_bytes});
 }
 
 void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect, bool silent) {
@@ -504,8 +497,8 @@ void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect, bool
     h->stats = data_plane_.remove_op(uid);
     h->phase = ReduceHandle::Phase::LOCAL_FAILED;
     PCCL_LOG(INFO, "peer ", my_id_.load(), ": all-reduce tag=", h->request.tag, " failed locally: ", why.message);
-    report_end(*h, wire::OpEnd{h->request.tag, uid, 0, suspect, why.message, h->stats.tx_bytes, h->stats.rx_bytes,
-                               static_cast<uint8_t>(silent && suspect != 0)});
+    send_master(wire::OpEnd{h->request.tag, uid, 0, suspect, why.message, h->stats.tx_bytes, h->stats.rx_bytes,
+                            static_cast<uint8_t>(silent && suspect != 0)});
 }
 
 void Session::on_result(const wire::OpResult& r) {
@@ -524,7 +517,10 @@ void Session::finish_op(const std::shared_ptr<ReduceHandle>& h, Status status) {
     if (!status.is_ok() && !h->cancelled) restore_input(*h);
     release_backup(*h);
     // An early start the master refused before any OP_GO (different arguments): drop its frames.
-    if (!h->confirmed) data_plane_.void_ticket(h->uid);
+    if (!h->confirmed) {
+        data_plane_.void_ticket(h->uid);
+        data_plane_.release_early_share(h->uid);
+    }
     if (h->claimed_uid != 0) data_plane_.void_ticket(h->claimed_uid);
     ops_by_tag_.erase(h->request.tag);
     tag_by_uid_.erase(h->uid);

@@ -41,9 +41,8 @@ private:
     // Reactor-only from here.
     Phase phase = Phase::WAIT_GO;
     uint64_t uid = 0;
-    // Started early under a ticket's uid (`uid`), OP_GO not here yet: the OP_END waits for it.
+    // Started early under a ticket's uid (`uid`), OP_GO not here yet.
     bool confirmed = true;
-    std::optional<wire::OpEnd> deferred_end;
     uint64_t claimed_uid = 0;  // the ticket named in OP_BEGIN (0: none)
     std::unique_ptr<ring::RingAllReduce> ring;
     bool cancelled = false;
@@ -156,8 +155,6 @@ private:
     void start_ring(ReduceHandle& h, uint32_t rank, uint32_t world, PeerId prev, PeerId next, bool confirmed);
     // The OP_GO named another uid than the early start's: undo it (buffer restored, frames dropped).
     void undo_early_start(ReduceHandle& h);
-    // Sends the op's OP_END, or keeps it until OP_GO confirms an early start.
-    void report_end(ReduceHandle& h, wire::OpEnd end);
     void on_bandwidth_probe(const wire::BandwidthProbe& probe);
     void stop_probe();
     void on_result(const wire::OpResult& r);

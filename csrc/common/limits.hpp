@@ -41,9 +41,9 @@ inline constexpr size_t kMaxMasterConnections = 4096;
 inline constexpr size_t kMaxMasterSendQueueBytes = 64 * 1024 * 1024;
 // Ops one peer may have begun but not ended; more is a protocol violation.
 inline constexpr size_t kMaxOpsInFlightPerPeer = 4096;
-// Uids reserved for the next op of a (group, tag) after a success (OP_TICKET). A run that uses a
-// fresh tag for every op would otherwise grow the table forever; the oldest reservation goes first
-// (its op then simply waits for OP_GO), on the master and on every peer alike.
+// Uids reserved per peer group for the next op of each tag after a success (OP_TICKET). A run that
+// uses a fresh tag for every op would otherwise grow the table forever; the group's oldest
+// reservation goes first (its op then simply waits for OP_GO), on the master and on every peer.
 inline constexpr size_t kMaxReservedOps = 4096;
 // A connection must say HELLO within this time or it is closed.
 inline constexpr milliseconds kHelloDeadline{10000};

@@ -382,7 +382,7 @@ void MasterState::on_op_begin(Peer& p, const wire::OpBegin& m, Clock::time_point
         ++counters_.ops_rejected;
         for (PeerId id : rec.begun) answer_op(rec, key, id, static_cast<uint8_t>(Result::INVALID_ARGUMENT), why);
         ops_.erase(it);
-        forget_reservation(key);  // its tickets were spent on this instance
+        reservations_.erase(key);  // its tickets were spent on this instance
         resolve_stalemate();
         return;
     }
@@ -411,7 +411,7 @@ void MasterState::check_op_start(const OpKey& key) {
             answer_op(rec, key, id, static_cast<uint8_t>(Result::TOO_FEW_PEERS),
                       "the peer group has only one peer; wait for others to join (update_topology) and retry");
         ops_.erase(it);
-        forget_reservation(key);
+        reservations_.erase(key);
         return;
     }
     rec.started = true;
@@ -423,7 +423,7 @@ void MasterState::check_op_start(const OpKey& key) {
                                      *rec.claims.begin() == reserved->second.uid &&
                                      reserved->second.participants == members;
     rec.uid = confirm_early_start ? reserved->second.uid : next_op_uid_++;
-    forget_reservation(key);
+    reservations_.erase(key);
     ++counters_.ops_started;
     if (confirm_early_start) ++counters_.ops_started_early;
     rec.participants = members;
@@ -439,31 +439,37 @@ void MasterState::check_op_start(const OpKey& key) {
         send_to(members[r], go);
     }
     PCCL_LOG(DEBUG, "master: op tag=", key.tag, " uid=", rec.uid, " started in group ", key.group, " with ", world, " peers");
+    std::map<PeerId, wire::OpEnd> early_ends = std::move(rec.early_ends);
+    rec.early_ends.clear();
+    if (!confirm_early_start) return;  // those peers undo and end again under the fresh uid
+    for (auto& [id, end] : early_ends) {
+        auto peer = peers_.find(id);
+        if (peer == peers_.end() || !ops_.contains(key)) continue;  // on_op_end may finish the op
+        on_op_end(peer->second, end);
+    }
 }
 
 void MasterState::issue_tickets(const OpKey& key, const OpRecord& rec) {
     if (rec.participants != group_ring(key.group)) return;  // the ring is changing: no promise to make
-    forget_reservation(key);
     const uint64_t uid = next_op_uid_++;
     reservations_[key] = Reservation{uid, rec.participants};
-    reservation_by_uid_[uid] = key;
-    if (reservation_by_uid_.size() > limits::kMaxReservedOps) {
-        // Peers evict the same oldest ticket; either way a stale claim only costs its early start.
-        reservations_.erase(reservation_by_uid_.begin()->second);
-        reservation_by_uid_.erase(reservation_by_uid_.begin());
+    // Each peer holds its own group's tickets, so the bound is per group: past it, both sides drop
+    // the group's oldest (a claim the master no longer knows would only cost its early start).
+    auto group_begin = reservations_.lower_bound(OpKey{key.group, 0});
+    size_t in_group = 0;
+    auto oldest = reservations_.end();
+    for (auto r = group_begin; r != reservations_.end() && r->first.group == key.group; ++r) {
+        ++in_group;
+        if (oldest == reservations_.end() || r->second.uid < oldest->second.uid) oldest = r;
+    }
+    if (in_group > limits::kMaxReservedOps) {
+        reservations_.erase(oldest);
     }
     const uint32_t world = static_cast<uint32_t>(rec.participants.size());
     for (uint32_t r = 0; r < world; ++r)
         send_to(rec.participants[r], wire::OpTicket{key.tag, uid, epoch_, r, world,
                                                     rec.participants[(r + world - 1) % world],
                                                     rec.participants[(r + 1) % world]});
-}
-
-void MasterState::forget_reservation(const OpKey& key) {
-    auto it = reservations_.find(key);
-    if (it == reservations_.end()) return;
-    reservation_by_uid_.erase(it->second.uid);
-    reservations_.erase(it);
 }
 
 void MasterState::check_all_ops(uint32_t group) {
@@ -476,6 +482,15 @@ void MasterState::check_all_ops(uint32_t group) {
 void MasterState::on_op_end(Peer& p, const wire::OpEnd& m) {
     const OpKey key{p.group, m.tag};
     auto it = ops_.find(key);
+    if (it != ops_.end() && !it->second.started && it->second.begun.contains(p.id)) {
+        // An early start under its ticket ended before OP_GO: it counts once OP_GO confirms that uid
+        // (so a small op costs one round trip to the master, not two). A failure is never overwritten.
+        auto reserved = reservations_.find(key);
+        if (reserved == reservations_.end() || reserved->second.uid != m.op_uid) return;
+        auto [end, fresh] = it->second.early_ends.try_emplace(p.id, m);
+        if (!fresh && end->second.ok) end->second = m;
+        return;
+    }
     // An END for an op that already failed (or for an old uid of a reused tag) is a normal race.
     if (it == ops_.end() || !it->second.started || it->second.uid != m.op_uid) return;
     OpRecord& rec = it->second;

@@ -98,6 +98,8 @@ private:
         Clock::time_point created{};       // for the status page only
         // Ticket uids claimed in OP_BEGIN: the reservation is used only if every member claimed it.
         std::set<uint64_t> claims;
+        // OP_ENDs of early starts that finished before OP_GO, applied if it confirms their uid.
+        std::map<PeerId, wire::OpEnd> early_ends;
     };
     // The uid promised to the next op of a (group, tag) by OP_TICKET, valid for this ring only.
     struct Reservation {
@@ -190,7 +192,6 @@ private:
     void finish_op(const OpKey& key, uint8_t result, const std::string& message);
     void answer_op(OpRecord& rec, const OpKey& key, PeerId peer, uint8_t result, const std::string& message);
     void issue_tickets(const OpKey& key, const OpRecord& rec);
-    void forget_reservation(const OpKey& key);
 
     Outbox& out_;
     std::chrono::milliseconds peer_timeout_;
@@ -200,7 +201,6 @@ private:
     std::vector<PeerId> pending_order_;
     std::map<OpKey, OpRecord> ops_;
     std::map<OpKey, Reservation> reservations_;
-    std::map<uint64_t, OpKey> reservation_by_uid_;  // oldest first, for the kMaxReservedOps bound
     std::map<uint32_t, SyncRound> syncs_;            // by group
     std::map<uint32_t, uint64_t> group_revision_;    // last synced shared-state revision per group
     uint64_t next_sync_uid_ = 1;
