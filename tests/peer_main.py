@@ -673,6 +673,39 @@ def scenario_steps(spec: dict[str, Any]) -> None:
     emit(event="done")
 
 
+def scenario_early_cancel(spec: dict[str, Any]) -> None:
+    """Tag 0 once (both peers then hold a ticket), then again: peer 0 starts at once and is
+    interrupted (the test sends SIGINT) before peer 1 calls, `delay` seconds later. Then tag 0 a
+    third time. Reports each outcome and whether the in-place buffer came back as it was."""
+    comm = connect(spec)
+    join(comm, 2)
+    index, count = spec["index"], spec["count"]
+    x = np.full(count, index + 1, dtype=np.float32)
+    comm.all_reduce(x, x)
+    emit(event="first", value=float(x[0]))
+    x = np.full(count, index + 1, dtype=np.float32)
+    if index == 0:
+        emit(event="blocking")
+        try:
+            comm.all_reduce(x, x)
+            emit(event="second", ok=True)
+        except KeyboardInterrupt:
+            emit(event="second", ok=False, interrupted=True, intact=bool(np.all(x == index + 1)))
+        # The interrupted op holds its tag until the master settles it (peer 1 has not called yet).
+        time.sleep(spec["delay"])
+    else:
+        time.sleep(spec["delay"])
+        try:
+            comm.all_reduce(x, x)
+            emit(event="second", ok=True)
+        except PCCLError as e:
+            emit(event="second", ok=False, message=str(e), intact=bool(np.all(x == index + 1)))
+    x = np.full(count, index + 1, dtype=np.float32)
+    comm.all_reduce(x, x)
+    emit(event="third", value=float(x[0]), uniform=bool(np.all(x == x[0])))
+    comm.close()
+
+
 def scenario_crossed(spec: dict[str, Any]) -> None:
     """Two async tags in opposite orders on the two peers, several rounds: peer 0 launches tag 1
     then tag 2 and waits for both; peer 1 runs tag 2 to the end, pauses, then tag 1. From the

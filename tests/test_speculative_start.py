@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import urllib.request
 
 from harness import Cluster
@@ -122,3 +123,21 @@ def test_switched_off_peers_keep_confirmed_frames_of_an_older_reservation():
         peers = [c.peer("steps", index=i, world=2, pool=4, env=env, steps=steps) for i in range(2)]
         for p in peers:
             assert all(s["ok"] and s["value"] == 3.0 and s["uniform"] for s in steps_of(p, 40))
+
+
+def test_interrupted_early_start_fails_the_op_for_everyone():
+    """Peer 0 starts early and is interrupted before peer 1 even calls: its failure reaches the
+    master before OP_GO and must be applied when OP_GO confirms the uid, so peer 1's call fails
+    at once naming the interruption (not after a deadline), with its buffer intact, and the
+    next op on the tag works."""
+    with Cluster() as c:
+        peers = [c.peer("early_cancel", index=i, count=2 * MiB_FLOATS + 3, delay=1.5) for i in range(2)]
+        peers[0].wait_event(lambda e: e.get("event") == "blocking")
+        time.sleep(0.3)
+        peers[0].signal(signal.SIGINT)
+        events = [p.finish(timeout=60) for p in peers]
+    second = [next(e for e in ev if e.get("event") == "second") for ev in events]
+    third = [next(e for e in ev if e.get("event") == "third") for ev in events]
+    assert second[0]["interrupted"] and second[0]["intact"], second
+    assert not second[1]["ok"] and "interrupted by the caller" in second[1]["message"] and second[1]["intact"], second
+    assert all(t["value"] == 3.0 and t["uniform"] for t in third), third
