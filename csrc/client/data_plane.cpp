@@ -595,8 +595,13 @@ void DataPlane::on_in_io(uint64_t id, uint32_t events) {
     if (c.state == InState::HELLO && me_ == 0) {
         // A ring member learnt of this peer before this peer's own WELCOME arrived (its master is
         // nearer to them): the handshake names an id this peer does not know yet, so it waits.
-        loop_.modify(c.watch, 0);
-        awaiting_identity_.push_back(id);
+        // (epoll reports a reset even with no events asked for.)
+        if (events & (EPOLLHUP | EPOLLERR)) return close_in(id, "connection reset before the handshake");
+        if (!c.awaiting_identity) {
+            c.awaiting_identity = true;
+            loop_.modify(c.watch, 0);
+            awaiting_identity_.push_back(id);
+        }
         return;
     }
     size_t budget = kReadBudgetBytes;

@@ -152,6 +152,7 @@ private:
         size_t sync_range = 0;   // SYNC_DATA payload: which range and frame of it
         size_t sync_frame = 0;
         uint64_t stash = 0;      // STASH payload: the key of the early frame being read
+        bool awaiting_identity = false;  // a handshake that came before this peer's WELCOME
         Clock::time_point accepted;
     };
     // A frame that arrived under a ticket's uid before this peer started that op.

@@ -180,16 +180,15 @@ void Session::cancel(ReduceHandle& handle) {
         if (it != ops_by_tag_.end() && it->second.get() == target && !target->cancelled) {
             auto h = it->second;
             h->cancelled = true;
-            // An early start that finished locally is not confirmed yet (nor might it ever be, and then
-            // the undo could not restore the buffer after the backup is given back): fail it too.
-            if (h->phase == ReduceHandle::Phase::RUNNING ||
-                (h->phase == ReduceHandle::Phase::LOCAL_DONE && !h->confirmed)) {
+            if (h->phase == ReduceHandle::Phase::RUNNING) {
                 h->stats = data_plane_.remove_op(h->uid);
                 h->phase = ReduceHandle::Phase::LOCAL_FAILED;
                 send_master(wire::OpEnd{h->request.tag, h->uid, 0, 0, "interrupted by the caller", h->stats.tx_bytes,
                                         h->stats.rx_bytes});
             }
-            // LOCAL_DONE already told the master "ok": the op may succeed everywhere, so keep the result.
+            // LOCAL_DONE already told the master "ok" (an early start too: the master applies it if
+            // OP_GO confirms the uid, and may have already): the op may succeed everywhere, so keep
+            // the result. An early start that is undone instead keeps it as well (see undo_early_start).
             if (h->phase == ReduceHandle::Phase::LOCAL_FAILED) restore_input(*h);
             release_backup(*h);
             h->outcome.complete({interrupted_status(), {}});
@@ -447,8 +446,11 @@ void Session::undo_early_start(ReduceHandle& h) {
     PCCL_LOG(INFO, "peer ", my_id_.load(), ": all-reduce tag=", h.request.tag, ": the master did not confirm the early start (uid ",
              h.uid, "): the ring changed or a peer held no ticket; starting over");
     if (h.phase == ReduceHandle::Phase::RUNNING || h.phase == ReduceHandle::Phase::LOCAL_DONE) data_plane_.remove_op(h.uid);
-    data_plane_.void_ticket(h.uid);  // frames still coming for it are dropped
-    if (!h.cancelled) restore_input(h);  // cancel() restored it and gave the backup back
+    data_plane_.release_early_share(h.uid);  // every member called the tag: no stash waits for it
+    data_plane_.void_ticket(h.uid);          // frames still coming for it are dropped
+    // A cancelled handle gave its backup back: cancel() restored a running op, and one that had
+    // finished here keeps its result, as a cancelled op that finished always does.
+    if (!h.cancelled) restore_input(h);
     tag_by_uid_.erase(h.uid);
     h.ring.reset();
     h.uid = 0;

@@ -487,8 +487,11 @@ void MasterState::on_op_end(Peer& p, const wire::OpEnd& m) {
         // (so a small op costs one round trip to the master, not two). A failure is never overwritten.
         auto reserved = reservations_.find(key);
         if (reserved == reservations_.end() || reserved->second.uid != m.op_uid) return;
-        auto [end, fresh] = it->second.early_ends.try_emplace(p.id, m);
-        if (!fresh && end->second.ok) end->second = m;
+        // Unconfirmed ops have no deadlines, so "went silent" cannot come from one: never act on it.
+        wire::OpEnd kept = m;
+        kept.suspect_silent = 0;
+        auto [end, fresh] = it->second.early_ends.try_emplace(p.id, kept);
+        if (!fresh && end->second.ok) end->second = kept;
         return;
     }
     // An END for an op that already failed (or for an old uid of a reused tag) is a normal race.
