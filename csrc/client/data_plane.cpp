@@ -420,6 +420,12 @@ void DataPlane::close_in(uint64_t id, const std::string& why) {
         fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "connection from previous peer " + std::to_string(peer) + " lost: " + why), peer);
 }
 
+void DataPlane::park(InConn& c) {
+    c.state = InState::PARKED;
+    parked_.insert(c.id);
+    loop_.modify(c.watch, 0);  // TCP back-pressure holds the sender until unpark_all() resumes it
+}
+
 bool DataPlane::route_header(InConn& c) {
     const uint64_t uid = c.h.a;
     if (auto it = ops_.find(uid); it != ops_.end()) return route_to_op(c, it->second);
@@ -446,15 +452,11 @@ bool DataPlane::route_header(InConn& c) {
         // A confirmed frame (this peer's OP_GO is on the way), or more than a sender may send early:
         // park the connection until the op starts here. Its uid may be below max_go_uid_ (reserved
         // before later ops began), so the rule below would discard it.
-        c.state = InState::PARKED;
-        parked_.insert(c.id);
-        loop_.modify(c.watch, 0);
+        park(c);
         return true;
     }
     if (uid > max_go_uid_) {
-        c.state = InState::PARKED;
-        parked_.insert(c.id);
-        loop_.modify(c.watch, 0);
+        park(c);
         return true;
     }
     c.state = InState::DISCARD;
@@ -898,9 +900,7 @@ bool DataPlane::route_sync_header(InConn& c) {
         return false;
     }
     if (uid > max_sync_uid_) {
-        c.state = InState::PARKED;
-        parked_.insert(c.id);
-        loop_.modify(c.watch, 0);
+        park(c);
         return true;
     }
     c.state = InState::DISCARD;  // a sync that is over (or that this peer receives nothing in)

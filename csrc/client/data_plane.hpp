@@ -229,6 +229,8 @@ private:
     // Whether a connection to `next` holds data that no acknowledgement has covered for `quiet`.
     bool forward_path_silent(PeerId next, std::chrono::milliseconds quiet) const;
     void maybe_complete(uint64_t uid);
+    // Stops reading `c`, whose header names an op or sync this peer cannot take yet.
+    void park(InConn& c);
     void unpark_all();
     // Routes a piece header of a running op; false when the connection was closed.
     bool route_to_op(InConn& c, ActiveOp& op);

@@ -151,19 +151,16 @@ void Session::submit(const std::shared_ptr<ReduceHandle>& h) {
         if (auto t = tickets_.find(r.tag); t != tickets_.end()) {
             ticket = t->second;  // spent on this call, whatever becomes of it
             tickets_.erase(t);
-            h->claimed_uid = ticket->op_uid;
+            h->claimed_uid = ticket->go.op_uid;
         }
         send_master(wire::OpBegin{r.tag, r.count, static_cast<uint8_t>(r.dtype), static_cast<uint8_t>(r.op),
                                   static_cast<uint8_t>(r.quant_algorithm), static_cast<uint8_t>(r.quant_dtype),
                                   h->claimed_uid});
         if (ticket && early_start_enabled()) {
-            h->uid = ticket->op_uid;
-            h->world = ticket->world;
             h->confirmed = false;
-            tag_by_uid_[h->uid] = r.tag;
-            PCCL_LOG(DEBUG, "peer ", my_id_.load(), ": all-reduce tag=", r.tag, " uid=", h->uid,
-                     " started early from its ticket, rank ", ticket->rank, "/", ticket->world);
-            start_ring(*h, ticket->rank, ticket->world, ticket->prev_peer, ticket->next_peer, /*confirmed=*/false);
+            PCCL_LOG(DEBUG, "peer ", my_id_.load(), ": all-reduce tag=", r.tag, " uid=", ticket->go.op_uid,
+                     " started early from its ticket, rank ", ticket->go.rank, "/", ticket->go.world);
+            start_ring(*h, ticket->go);
         }
     });
     if (!posted) {
@@ -410,20 +407,23 @@ void Session::on_go(const wire::OpGo& go) {
     auto h = it->second;
     if (h->claimed_uid != 0 && h->claimed_uid != go.op_uid) data_plane_.void_ticket(h->claimed_uid);
     h->claimed_uid = 0;
-    h->uid = go.op_uid;
-    h->world = go.world;
-    tag_by_uid_[go.op_uid] = go.tag;
     if (h->cancelled) {
+        h->uid = go.op_uid;
+        h->world = go.world;
+        tag_by_uid_[go.op_uid] = go.tag;
         h->phase = ReduceHandle::Phase::LOCAL_FAILED;
         send_master(wire::OpEnd{go.tag, go.op_uid, 0, 0, "interrupted by the caller"});
         data_plane_.void_ticket(go.op_uid);  // also stops parking on it
         return;
     }
     PCCL_LOG(DEBUG, "peer ", my_id_.load(), ": all-reduce tag=", go.tag, " uid=", go.op_uid, " go, rank ", go.rank, "/", go.world);
-    start_ring(*h, go.rank, go.world, go.prev_peer, go.next_peer, /*confirmed=*/true);
+    start_ring(*h, go);
 }
 
-void Session::start_ring(ReduceHandle& h, uint32_t rank, uint32_t world, PeerId prev, PeerId next, bool confirmed) {
+void Session::start_ring(ReduceHandle& h, const wire::OpGo& go) {
+    h.uid = go.op_uid;
+    h.world = go.world;
+    tag_by_uid_[go.op_uid] = go.tag;
     ring::RingAllReduce::Params p;
     p.send = h.in_place ? nullptr : static_cast<const uint8_t*>(h.request.send);
     p.recv = static_cast<uint8_t*>(h.request.recv);
@@ -431,15 +431,15 @@ void Session::start_ring(ReduceHandle& h, uint32_t rank, uint32_t world, PeerId 
     p.count = h.request.count;
     p.dtype = h.request.dtype;
     p.op = h.request.op;
-    p.world = world;
-    p.rank = rank;
+    p.world = go.world;
+    p.rank = go.rank;
     p.piece_elems = ring::RingAllReduce::choose_piece_elems(p.count, p.world, element_size(p.dtype));
     if (h.request.quant_algorithm != QuantizationAlgorithm::NONE)
         p.quant = kernels::quant::Format{p.dtype, h.request.quant_dtype, h.request.quant_algorithm};
     h.ring = std::make_unique<ring::RingAllReduce>(p);
     h.phase = ReduceHandle::Phase::RUNNING;
     h.recv_written = true;
-    data_plane_.start_op(h.uid, h.ring.get(), prev, next, confirmed, p.count * element_size(p.dtype));
+    data_plane_.start_op(h.uid, h.ring.get(), go.prev_peer, go.next_peer, h.confirmed, p.count * element_size(p.dtype));
 }
 
 void Session::undo_early_start(ReduceHandle& h) {
@@ -462,19 +462,19 @@ void Session::undo_early_start(ReduceHandle& h) {
 
 void Session::on_ticket(const wire::OpTicket& t) {
     if (t.epoch != epoch_) return;  // for a ring this peer already knows to be gone
-    if (auto old = tickets_.find(t.tag); old != tickets_.end()) data_plane_.void_ticket(old->second.op_uid);
-    tickets_[t.tag] = t;
-    data_plane_.add_ticket(t.op_uid);
+    if (auto old = tickets_.find(t.go.tag); old != tickets_.end()) data_plane_.void_ticket(old->second.go.op_uid);
+    tickets_[t.go.tag] = t;
+    data_plane_.add_ticket(t.go.op_uid);
     if (tickets_.size() > limits::kMaxReservedOps) {  // the master drops its oldest reservation too
         auto oldest = std::min_element(tickets_.begin(), tickets_.end(),
-                                       [](const auto& a, const auto& b) { return a.second.op_uid < b.second.op_uid; });
-        data_plane_.void_ticket(oldest->second.op_uid);
+                                       [](const auto& a, const auto& b) { return a.second.go.op_uid < b.second.go.op_uid; });
+        data_plane_.void_ticket(oldest->second.go.op_uid);
         tickets_.erase(oldest);
     }
 }
 
 void Session::void_all_tickets() {
-    for (const auto& [tag, t] : tickets_) data_plane_.void_ticket(t.op_uid);
+    for (const auto& [tag, t] : tickets_) data_plane_.void_ticket(t.go.op_uid);
     tickets_.clear();
 }
 

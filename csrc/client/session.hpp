@@ -151,8 +151,9 @@ private:
     void on_go(const wire::OpGo& go);
     void on_ticket(const wire::OpTicket& t);
     void void_all_tickets();
-    // Builds the op's ring for this rank and hands it to the data plane.
-    void start_ring(ReduceHandle& h, uint32_t rank, uint32_t world, PeerId prev, PeerId next, bool confirmed);
+    // Builds the op's ring for its place in `go` (an OP_GO, or a ticket's promised one while
+    // h.confirmed is false) and hands it to the data plane.
+    void start_ring(ReduceHandle& h, const wire::OpGo& go);
     // The OP_GO named another uid than the early start's: undo it (buffer restored, frames dropped).
     void undo_early_start(ReduceHandle& h);
     void on_bandwidth_probe(const wire::BandwidthProbe& probe);

@@ -398,6 +398,12 @@ void MasterState::answer_op(OpRecord& rec, const OpKey& key, PeerId peer, uint8_
     out_.send(it->second.conn, wire::OpResult{key.tag, rec.uid, result, message});
 }
 
+// The OP_GO of the member at `rank` of a ring (also what an OP_TICKET promises it).
+static wire::OpGo go_for(uint64_t tag, uint64_t uid, const std::vector<PeerId>& ring, uint32_t rank) {
+    const auto world = static_cast<uint32_t>(ring.size());
+    return wire::OpGo{tag, uid, rank, world, ring[(rank + world - 1) % world], ring[(rank + 1) % world]};
+}
+
 void MasterState::check_op_start(const OpKey& key) {
     auto it = ops_.find(key);
     if (it == ops_.end() || it->second.started) return;
@@ -427,18 +433,8 @@ void MasterState::check_op_start(const OpKey& key) {
     ++counters_.ops_started;
     if (confirm_early_start) ++counters_.ops_started_early;
     rec.participants = members;
-    const uint32_t world = static_cast<uint32_t>(members.size());
-    for (uint32_t r = 0; r < world; ++r) {
-        wire::OpGo go;
-        go.tag = key.tag;
-        go.op_uid = rec.uid;
-        go.rank = r;
-        go.world = world;
-        go.prev_peer = members[(r + world - 1) % world];
-        go.next_peer = members[(r + 1) % world];
-        send_to(members[r], go);
-    }
-    PCCL_LOG(DEBUG, "master: op tag=", key.tag, " uid=", rec.uid, " started in group ", key.group, " with ", world, " peers");
+    for (uint32_t r = 0; r < members.size(); ++r) send_to(members[r], go_for(key.tag, rec.uid, members, r));
+    PCCL_LOG(DEBUG, "master: op tag=", key.tag, " uid=", rec.uid, " started in group ", key.group, " with ", members.size(), " peers");
     std::map<PeerId, wire::OpEnd> early_ends = std::move(rec.early_ends);
     rec.early_ends.clear();
     if (!confirm_early_start) return;  // those peers undo and end again under the fresh uid
@@ -465,11 +461,8 @@ void MasterState::issue_tickets(const OpKey& key, const OpRecord& rec) {
     if (in_group > limits::kMaxReservedOps) {
         reservations_.erase(oldest);
     }
-    const uint32_t world = static_cast<uint32_t>(rec.participants.size());
-    for (uint32_t r = 0; r < world; ++r)
-        send_to(rec.participants[r], wire::OpTicket{key.tag, uid, epoch_, r, world,
-                                                    rec.participants[(r + world - 1) % world],
-                                                    rec.participants[(r + 1) % world]});
+    for (uint32_t r = 0; r < rec.participants.size(); ++r)
+        send_to(rec.participants[r], wire::OpTicket{go_for(key.tag, uid, rec.participants, r), epoch_});
 }
 
 void MasterState::check_all_ops(uint32_t group) {

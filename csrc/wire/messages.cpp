@@ -36,6 +36,18 @@ void put_peer(Writer& w, const PeerEntry& p) {
     w.u16(p.p2p_port);
 }
 
+void put_go(Writer& w, const OpGo& x) {
+    w.u64(x.tag); w.u64(x.op_uid); w.u32(x.rank); w.u32(x.world);
+    w.u64(x.prev_peer); w.u64(x.next_peer);
+}
+
+OpGo get_go(Reader& r) {
+    OpGo x;
+    x.tag = r.u64(); x.op_uid = r.u64(); x.rank = r.u32(); x.world = r.u32();
+    x.prev_peer = r.u64(); x.next_peer = r.u64();
+    return x;
+}
+
 PeerEntry get_peer(Reader& r) {
     PeerEntry p;
     p.peer_id = r.u64();
@@ -75,14 +87,8 @@ void encode_payload(const Message& m, Writer& w) {
                    },
                    [&](const TopologyComplete& x) { w.u64(x.epoch); },
                    [&](const PeersPendingAnswer& x) { w.u8(x.pending); },
-                   [&](const OpGo& x) {
-                       w.u64(x.tag); w.u64(x.op_uid); w.u32(x.rank); w.u32(x.world);
-                       w.u64(x.prev_peer); w.u64(x.next_peer);
-                   },
-                   [&](const OpTicket& x) {
-                       w.u64(x.tag); w.u64(x.op_uid); w.u64(x.epoch); w.u32(x.rank); w.u32(x.world);
-                       w.u64(x.prev_peer); w.u64(x.next_peer);
-                   },
+                   [&](const OpGo& x) { put_go(w, x); },
+                   [&](const OpTicket& x) { put_go(w, x.go); w.u64(x.epoch); },
                    [&](const OpResult& x) { w.u64(x.tag); w.u64(x.op_uid); w.u8(x.result); w.string(bounded(x.message)); },
                    [&](const Kicked& x) { w.string(bounded(x.reason)); },
                    [&](const MasterHeartbeat&) {},
@@ -214,17 +220,11 @@ std::optional<Message> decode_payload(uint16_t type, std::span<const uint8_t> pa
         }
         case MsgType::TOPOLOGY_COMPLETE: { TopologyComplete x; x.epoch = r.u64(); m = x; break; }
         case MsgType::PEERS_PENDING_ANSWER: { PeersPendingAnswer x; x.pending = r.u8(); m = x; break; }
-        case MsgType::OP_GO: {
-            OpGo x;
-            x.tag = r.u64(); x.op_uid = r.u64(); x.rank = r.u32(); x.world = r.u32();
-            x.prev_peer = r.u64(); x.next_peer = r.u64();
-            m = x;
-            break;
-        }
+        case MsgType::OP_GO: m = get_go(r); break;
         case MsgType::OP_TICKET: {
             OpTicket x;
-            x.tag = r.u64(); x.op_uid = r.u64(); x.epoch = r.u64(); x.rank = r.u32(); x.world = r.u32();
-            x.prev_peer = r.u64(); x.next_peer = r.u64();
+            x.go = get_go(r);
+            x.epoch = r.u64();
             m = x;
             break;
         }

@@ -117,18 +117,14 @@ struct OpGo {
     uint64_t prev_peer = 0;
     uint64_t next_peer = 0;
 };
-// Sent with the OP_RESULT of a successful op, before it: the uid reserved for the next op of this
-// tag in this group, and this peer's place in its ring. A peer that calls the tag again claims it in
-// OP_BEGIN and may start at once; OP_GO confirms the uid when every member claimed it and the ring
-// is unchanged, otherwise it names a fresh uid and the early start is undone.
+// Sent with the OP_RESULT of a successful op, before it: the OP_GO the tag's next op in this group
+// will get if nothing changes (a reserved uid, this peer's place in the ring), valid in `epoch`. A
+// peer that calls the tag again claims it in OP_BEGIN and may start at once; OP_GO confirms the uid
+// when every member claimed it and the ring is unchanged, otherwise it names a fresh uid and the
+// early start is undone.
 struct OpTicket {
-    uint64_t tag = 0;
-    uint64_t op_uid = 0;
+    OpGo go;
     uint64_t epoch = 0;
-    uint32_t rank = 0;
-    uint32_t world = 0;
-    uint64_t prev_peer = 0;
-    uint64_t next_peer = 0;
 };
 struct OpResult { uint64_t tag = 0; uint64_t op_uid = 0; uint8_t result = 0; std::string message; };
 struct Kicked { std::string reason; };
