@@ -405,7 +405,8 @@ void DataPlane::close_in(uint64_t id, const std::string& why) {
     if (it->second->state == InState::STASH) {
         auto f = early_frames_.find(it->second->stash);
         if (f != early_frames_.end()) {
-            early_in_bytes_[f->second.peer] -= f->second.payload.size();
+            early_in_bytes_[f->second.peer] -= f->second.bytes;
+            early_buffers_.give_back(std::move(f->second.payload));
             early_frames_.erase(f);
             loop_.post([this] { unpark_all(); });  // a connection may be parked on that memory
         }
@@ -442,9 +443,10 @@ bool DataPlane::route_header(InConn& c) {
             f.peer = c.peer;
             f.phase = static_cast<wire::RingPhase>(c.h.phase);
             f.offset = c.h.b;
-            f.payload.resize(c.h.length);
+            f.payload = early_buffers_.take(c.h.length);
+            f.bytes = c.h.length;
             c.stash = key;
-            c.dest = f.payload.data();
+            c.dest = f.payload.data.get();
             c.remaining = c.h.length;
             c.state = InState::STASH;
             return true;
@@ -525,7 +527,8 @@ void DataPlane::finish_stash(InConn& c) {
     if (ops_.contains(uid)) {
         replay_early_frames(uid);  // the op started while this frame was being read
     } else if (!tickets_.contains(uid)) {
-        early_in_bytes_[it->second.peer] -= it->second.payload.size();
+        early_in_bytes_[it->second.peer] -= it->second.bytes;
+        early_buffers_.give_back(std::move(it->second.payload));
         early_frames_.erase(it);
         unpark_all();  // a connection may be parked on that memory
     }
@@ -540,18 +543,23 @@ void DataPlane::replay_early_frames(uint64_t uid) {
         if (fit == early_frames_.end()) continue;
         EarlyFrame f = std::move(fit->second);
         early_frames_.erase(fit);
-        early_in_bytes_[f.peer] -= f.payload.size();
+        early_in_bytes_[f.peer] -= f.bytes;
+        struct GiveBack {  // whichever way this iteration ends
+            ScratchPool& pool;
+            ScratchPool::Buffer& buffer;
+            ~GiveBack() { pool.give_back(std::move(buffer)); }
+        } give_back{early_buffers_, f.payload};
         auto op = ops_.find(uid);
         if (op == ops_.end()) continue;          // failed meanwhile: drop the rest
         if (op->second.prev != f.peer) continue;  // sent on a ring view the master did not confirm
         std::string error;
-        const auto bytes = static_cast<uint32_t>(f.payload.size());
+        const uint32_t bytes = f.bytes;
         uint8_t* dest = op->second.ring->accept_piece(f.phase, f.offset, bytes, error);
         if (!dest) {
             fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "a piece from the previous peer does not fit this op: " + error), f.peer);
             continue;
         }
-        std::memcpy(dest, f.payload.data(), bytes);
+        std::memcpy(dest, f.payload.data.get(), bytes);
         wire::DataHeader h;
         h.phase = static_cast<uint8_t>(f.phase);
         h.b = f.offset;
@@ -566,11 +574,15 @@ void DataPlane::drop_early_frames(uint64_t uid) {
         auto f = early_frames_.find(c->stash);
         if (f != early_frames_.end() && f->second.uid == uid) c->state = InState::DISCARD;  // the rest of it
     }
-    std::erase_if(early_frames_, [&](const auto& kv) {
-        if (kv.second.uid != uid) return false;
-        early_in_bytes_[kv.second.peer] -= kv.second.payload.size();
-        return true;
-    });
+    for (auto it = early_frames_.begin(); it != early_frames_.end();) {
+        if (it->second.uid != uid) {
+            ++it;
+            continue;
+        }
+        early_in_bytes_[it->second.peer] -= it->second.bytes;
+        early_buffers_.give_back(std::move(it->second.payload));
+        it = early_frames_.erase(it);
+    }
 }
 
 void DataPlane::add_ticket(uint64_t uid) {

@@ -32,6 +32,7 @@
 #include "net/address.hpp"
 #include "net/event_loop.hpp"
 #include "client/bandwidth_probe.hpp"
+#include "client/scratch_pool.hpp"
 #include "client/send_queue.hpp"
 #include "ring/ring_allreduce.hpp"
 #include "wire/data_frame.hpp"
@@ -161,7 +162,8 @@ private:
         PeerId peer = 0;
         wire::RingPhase phase{};
         uint64_t offset = 0;
-        std::vector<uint8_t> payload;
+        ScratchPool::Buffer payload;  // from early_buffers_
+        uint32_t bytes = 0;
         bool complete = false;  // fully read
     };
     // A piece an unconfirmed op may not send yet.
@@ -258,6 +260,9 @@ private:
     uint64_t max_go_uid_ = 0;
     std::set<uint64_t> tickets_;
     std::map<uint64_t, EarlyFrame> early_frames_;            // by arrival
+    // Early frames come every op when one peer calls a little after its neighbour: recycling their
+    // buffers spares a page fault and a zeroing per page (measured: 6 ms of 64 on loopback, world 3).
+    ScratchPool early_buffers_{limits::kSpeculativeBytes};
     uint64_t next_early_key_ = 1;
     std::unordered_map<PeerId, uint64_t> early_in_bytes_;    // kept for each previous peer
     std::unordered_map<PeerId, uint64_t> early_out_bytes_;   // sent unconfirmed to each next peer

@@ -1,10 +1,38 @@
 #include "client/scratch_pool.hpp"
 
 #include <algorithm>
+#include <cstdlib>
+#include <new>
 
-#include "common/limits.hpp"
+#include <sys/mman.h>
 
 namespace pccl::client {
+
+namespace {
+
+// Big buffers ask for transparent huge pages, as numpy does for its arrays: a copy across 64 MiB
+// of 4 KiB pages spends a good part of its time on TLB misses (THP "madvise" mode needs the hint).
+constexpr size_t kHugePageBytes = 2 * 1024 * 1024;
+constexpr size_t kHugePageMinBufferBytes = 4 * 1024 * 1024;
+
+uint8_t* allocate(size_t bytes) {
+    if (bytes < kHugePageMinBufferBytes) {
+        auto* p = static_cast<uint8_t*>(std::malloc(bytes == 0 ? 1 : bytes));
+        if (!p) throw std::bad_alloc();
+        return p;
+    }
+    const size_t rounded = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+    auto* p = static_cast<uint8_t*>(std::aligned_alloc(kHugePageBytes, rounded));
+    if (!p) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+    madvise(p, rounded, MADV_HUGEPAGE);  // a hint: refused (no THP) is fine
+#endif
+    return p;
+}
+
+}  // namespace
+
+void ScratchPool::Free::operator()(uint8_t* p) const noexcept { std::free(p); }
 
 ScratchPool::Buffer ScratchPool::take(size_t bytes) {
     {
@@ -23,7 +51,7 @@ ScratchPool::Buffer ScratchPool::take(size_t bytes) {
         }
     }
     Buffer b;
-    b.data.reset(new uint8_t[bytes == 0 ? 1 : bytes]);
+    b.data.reset(allocate(bytes));
     b.capacity = bytes;
     return b;
 }
@@ -34,7 +62,7 @@ void ScratchPool::give_back(Buffer&& b) {
     free_.push_back(std::move(b));
     cached_bytes_ += free_.back().capacity;
     // Evict the largest buffers first until the cache is within bounds.
-    while (cached_bytes_ > limits::kMaxCachedScratchBytes && !free_.empty()) {
+    while (cached_bytes_ > max_cached_bytes_ && !free_.empty()) {
         auto largest = std::max_element(free_.begin(), free_.end(),
                                         [](const Buffer& a, const Buffer& c) { return a.capacity < c.capacity; });
         cached_bytes_ -= largest->capacity;
