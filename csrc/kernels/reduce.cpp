@@ -48,20 +48,36 @@ inline T apply_op(ReduceOp op, T a, T b) {
     return a;
 }
 
+// Two ways to combine the received value with the local one, always as op(received, local):
+// INTO: dst holds the received value, src the local one; dst takes the result.
+// SWAP: dst holds the local value, src the received one; dst takes the result and src the local
+//       value (in place, this saves the input for a restore in the same pass as the reduction).
+enum class Mode { INTO, SWAP };
+template <typename T, Mode M>
+using Other = std::conditional_t<M == Mode::SWAP, T*, const T*>;
+
 // The op is hoisted out of the loop so each loop body is branch-free and vectorises.
-template <typename T, ReduceOp Op>
-void loop(T* __restrict dst, const T* __restrict src, size_t n) {
-    for (size_t i = 0; i < n; ++i) dst[i] = apply_op<T>(Op, dst[i], src[i]);
+template <typename T, ReduceOp Op, Mode M>
+void loop(T* __restrict dst, Other<T, M> __restrict src, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        if constexpr (M == Mode::SWAP) {
+            const T local = dst[i];
+            dst[i] = apply_op<T>(Op, src[i], local);
+            src[i] = local;
+        } else {
+            dst[i] = apply_op<T>(Op, dst[i], src[i]);
+        }
+    }
 }
 
-template <typename T>
-void reduce_native(ReduceOp op, T* dst, const T* src, size_t n) {
+template <typename T, Mode M>
+void reduce_native(ReduceOp op, T* dst, Other<T, M> src, size_t n) {
     switch (op) {
         case ReduceOp::SUM:
-        case ReduceOp::AVG: return loop<T, ReduceOp::SUM>(dst, src, n);
-        case ReduceOp::PROD: return loop<T, ReduceOp::PROD>(dst, src, n);
-        case ReduceOp::MAX: return loop<T, ReduceOp::MAX>(dst, src, n);
-        case ReduceOp::MIN: return loop<T, ReduceOp::MIN>(dst, src, n);
+        case ReduceOp::AVG: return loop<T, ReduceOp::SUM, M>(dst, src, n);
+        case ReduceOp::PROD: return loop<T, ReduceOp::PROD, M>(dst, src, n);
+        case ReduceOp::MAX: return loop<T, ReduceOp::MAX, M>(dst, src, n);
+        case ReduceOp::MIN: return loop<T, ReduceOp::MIN, M>(dst, src, n);
     }
 }
 
@@ -77,66 +93,74 @@ void divide_native(T* dst, size_t n, uint32_t world) {
     }
 }
 
-template <float (*ToF32)(uint16_t), uint16_t (*FromF32)(float), ReduceOp Op>
-void loop_half(uint16_t* __restrict dst, const uint16_t* __restrict src, size_t n, float scale) {
+template <float (*ToF32)(uint16_t), uint16_t (*FromF32)(float), ReduceOp Op, Mode M>
+void loop_half(uint16_t* __restrict dst, Other<uint16_t, M> __restrict src, size_t n, float scale) {
     for (size_t i = 0; i < n; ++i) {
-        float v = apply_op<float>(Op, ToF32(dst[i]), ToF32(src[i]));
+        const uint16_t local = M == Mode::SWAP ? dst[i] : src[i];
+        const uint16_t received = M == Mode::SWAP ? src[i] : dst[i];
+        float v = apply_op<float>(Op, ToF32(received), ToF32(local));
         if (Op == ReduceOp::AVG) v = v / scale;
         dst[i] = FromF32(v);
+        if constexpr (M == Mode::SWAP) src[i] = local;
     }
 }
 
-template <float (*ToF32)(uint16_t), uint16_t (*FromF32)(float)>
-void reduce_half(ReduceOp op, uint16_t* dst, const uint16_t* src, size_t n, uint32_t divide_by) {
+template <float (*ToF32)(uint16_t), uint16_t (*FromF32)(float), Mode M>
+void reduce_half(ReduceOp op, uint16_t* dst, Other<uint16_t, M> src, size_t n, uint32_t divide_by) {
     const bool divide = op == ReduceOp::AVG && divide_by != 0;
     switch (op) {
-        case ReduceOp::SUM: return loop_half<ToF32, FromF32, ReduceOp::SUM>(dst, src, n, 1.0f);
+        case ReduceOp::SUM: return loop_half<ToF32, FromF32, ReduceOp::SUM, M>(dst, src, n, 1.0f);
         case ReduceOp::AVG:
-            if (divide) return loop_half<ToF32, FromF32, ReduceOp::AVG>(dst, src, n, static_cast<float>(divide_by));
-            return loop_half<ToF32, FromF32, ReduceOp::SUM>(dst, src, n, 1.0f);
-        case ReduceOp::PROD: return loop_half<ToF32, FromF32, ReduceOp::PROD>(dst, src, n, 1.0f);
-        case ReduceOp::MAX: return loop_half<ToF32, FromF32, ReduceOp::MAX>(dst, src, n, 1.0f);
-        case ReduceOp::MIN: return loop_half<ToF32, FromF32, ReduceOp::MIN>(dst, src, n, 1.0f);
+            if (divide) return loop_half<ToF32, FromF32, ReduceOp::AVG, M>(dst, src, n, static_cast<float>(divide_by));
+            return loop_half<ToF32, FromF32, ReduceOp::SUM, M>(dst, src, n, 1.0f);
+        case ReduceOp::PROD: return loop_half<ToF32, FromF32, ReduceOp::PROD, M>(dst, src, n, 1.0f);
+        case ReduceOp::MAX: return loop_half<ToF32, FromF32, ReduceOp::MAX, M>(dst, src, n, 1.0f);
+        case ReduceOp::MIN: return loop_half<ToF32, FromF32, ReduceOp::MIN, M>(dst, src, n, 1.0f);
     }
 }
 
-template <typename T>
-void reduce_typed(ReduceOp op, void* dst, const void* src, size_t n, uint32_t divide_by) {
-    reduce_native<T>(op, static_cast<T*>(dst), static_cast<const T*>(src), n);
+template <typename T, Mode M>
+void reduce_typed(ReduceOp op, void* dst, Other<void, M> src, size_t n, uint32_t divide_by) {
+    reduce_native<T, M>(op, static_cast<T*>(dst), static_cast<Other<T, M>>(src), n);
     if (op == ReduceOp::AVG && divide_by != 0) divide_native<T>(static_cast<T*>(dst), n, divide_by);
 }
 
 // divide_by == 0: plain hop (AVG accumulates as SUM); otherwise AVG divides by it.
-void dispatch(DataType dtype, ReduceOp op, void* dst, const void* src, size_t n, uint32_t divide_by) {
+template <Mode M>
+void dispatch(DataType dtype, ReduceOp op, void* dst, Other<void, M> src, size_t n, uint32_t divide_by) {
     if (n == 0) return;
     switch (dtype) {
-        case DataType::UINT8: return reduce_typed<uint8_t>(op, dst, src, n, divide_by);
-        case DataType::INT8: return reduce_typed<int8_t>(op, dst, src, n, divide_by);
-        case DataType::UINT16: return reduce_typed<uint16_t>(op, dst, src, n, divide_by);
-        case DataType::INT16: return reduce_typed<int16_t>(op, dst, src, n, divide_by);
-        case DataType::UINT32: return reduce_typed<uint32_t>(op, dst, src, n, divide_by);
-        case DataType::INT32: return reduce_typed<int32_t>(op, dst, src, n, divide_by);
-        case DataType::UINT64: return reduce_typed<uint64_t>(op, dst, src, n, divide_by);
-        case DataType::INT64: return reduce_typed<int64_t>(op, dst, src, n, divide_by);
-        case DataType::FLOAT: return reduce_typed<float>(op, dst, src, n, divide_by);
-        case DataType::DOUBLE: return reduce_typed<double>(op, dst, src, n, divide_by);
+        case DataType::UINT8: return reduce_typed<uint8_t, M>(op, dst, src, n, divide_by);
+        case DataType::INT8: return reduce_typed<int8_t, M>(op, dst, src, n, divide_by);
+        case DataType::UINT16: return reduce_typed<uint16_t, M>(op, dst, src, n, divide_by);
+        case DataType::INT16: return reduce_typed<int16_t, M>(op, dst, src, n, divide_by);
+        case DataType::UINT32: return reduce_typed<uint32_t, M>(op, dst, src, n, divide_by);
+        case DataType::INT32: return reduce_typed<int32_t, M>(op, dst, src, n, divide_by);
+        case DataType::UINT64: return reduce_typed<uint64_t, M>(op, dst, src, n, divide_by);
+        case DataType::INT64: return reduce_typed<int64_t, M>(op, dst, src, n, divide_by);
+        case DataType::FLOAT: return reduce_typed<float, M>(op, dst, src, n, divide_by);
+        case DataType::DOUBLE: return reduce_typed<double, M>(op, dst, src, n, divide_by);
         case DataType::FLOAT16:
-            return reduce_half<f16_to_f32, f32_to_f16>(op, static_cast<uint16_t*>(dst),
-                                                       static_cast<const uint16_t*>(src), n, divide_by);
+            return reduce_half<f16_to_f32, f32_to_f16, M>(op, static_cast<uint16_t*>(dst),
+                                                          static_cast<Other<uint16_t, M>>(src), n, divide_by);
         case DataType::BFLOAT16:
-            return reduce_half<bf16_to_f32, f32_to_bf16>(op, static_cast<uint16_t*>(dst),
-                                                         static_cast<const uint16_t*>(src), n, divide_by);
+            return reduce_half<bf16_to_f32, f32_to_bf16, M>(op, static_cast<uint16_t*>(dst),
+                                                            static_cast<Other<uint16_t, M>>(src), n, divide_by);
     }
 }
 
 }  // namespace
 
 void reduce_into(DataType dtype, ReduceOp op, void* dst, const void* src, size_t n) {
-    dispatch(dtype, op, dst, src, n, 0);
+    dispatch<Mode::INTO>(dtype, op, dst, src, n, 0);
 }
 
 void reduce_finalize(DataType dtype, ReduceOp op, void* dst, const void* src, size_t n, uint32_t world) {
-    dispatch(dtype, op, dst, src, n, world == 0 ? 1 : world);
+    dispatch<Mode::INTO>(dtype, op, dst, src, n, world == 0 ? 1 : world);
+}
+
+void reduce_swap(DataType dtype, ReduceOp op, void* local, void* received, size_t n, uint32_t world) {
+    dispatch<Mode::SWAP>(dtype, op, local, received, n, world);
 }
 
 }  // namespace pccl::kernels

@@ -19,4 +19,10 @@ void reduce_into(DataType dtype, ReduceOp op, void* dst, const void* src, size_t
 // As reduce_into, then for AVG divides the result by `world`. Used by a chunk's owner.
 void reduce_finalize(DataType dtype, ReduceOp op, void* dst, const void* src, size_t n, uint32_t world);
 
+// In place: `local` holds this peer's input, `received` the bytes that just arrived. Afterwards
+// local[i] = op(received[i], local[i]) (world != 0: finalised as reduce_finalize does) and
+// received[i] holds the input local[i] had: the copy a restore needs, made in the same pass.
+// Results are bit-identical to reduce_into/reduce_finalize on the same operands.
+void reduce_swap(DataType dtype, ReduceOp op, void* local, void* received, size_t n, uint32_t world);
+
 }  // namespace pccl::kernels

@@ -93,6 +93,11 @@ uint8_t* RingAllReduce::accept_piece(wire::RingPhase phase, uint64_t offset, uin
         staging_[(static_cast<uint64_t>(rs ? 0 : 1) << 63) | static_cast<uint64_t>(index)] = token;
         return buffers_[token].data();
     }
+    if (rs && in_place() && !saved_[static_cast<size_t>(index)]) {
+        // A reduce-scatter piece lands in the backup at its own offset; the reduction then swaps
+        // the caller's input into its place (reduce_swap), so saving the input costs no extra pass.
+        return p_.backup + offset * elem_;
+    }
     save_before_overwrite(index, offset, n);
     return p_.recv + offset * elem_;
 }
@@ -118,7 +123,12 @@ void RingAllReduce::on_piece_received(PieceSink& sink, wire::RingPhase phase, ui
     if (p_.quant) return on_quantized_piece(sink, phase, offset, n, piece);
     uint8_t* data = p_.recv + offset * elem_;
     const uint32_t c = plan_.chunk_of(offset);
-    if (phase == wire::RingPhase::REDUCE_SCATTER) {
+    if (phase == wire::RingPhase::REDUCE_SCATTER && in_place() && !saved_[static_cast<size_t>(piece)]) {
+        const bool last_hop = c == owned_chunk();
+        kernels::reduce_swap(p_.dtype, p_.op, data, p_.backup + offset * elem_, n, last_hop ? p_.world : 0);
+        saved_[static_cast<size_t>(piece)] = 1;
+        sink.send_piece(last_hop ? wire::RingPhase::ALL_GATHER : wire::RingPhase::REDUCE_SCATTER, offset, bytes, data, 0);
+    } else if (phase == wire::RingPhase::REDUCE_SCATTER) {
         if (c == owned_chunk()) {
             // Last hop: this value is final. It is computed here and nowhere else.
             kernels::reduce_finalize(p_.dtype, p_.op, data, input_at(offset), n, p_.world);

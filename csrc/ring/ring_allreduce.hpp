@@ -5,9 +5,11 @@
 //
 // Peer `rank` sends chunk `rank` first; the piece of chunk c is owned (fully reduced) at peer c-1.
 // Buffers: `send` is never written; `recv` receives every piece in place (no staging). In place
-// (`send` null, `backup` given), each piece of the caller's buffer is copied to `backup` just before
-// its first overwrite: the copy is spread over the op and cache-hot for the reduce that follows,
-// and restore_input() puts every overwritten piece back when the op fails.
+// (`send` null, `backup` given), the caller's input is saved piece by piece before its first
+// overwrite, and restore_input() puts every overwritten piece back when the op fails. A
+// reduce-scatter piece is received into `backup` at its offset and reduced with a swap (the sum
+// goes to the caller's buffer, the input it replaces to `backup`), so saving costs no pass of its
+// own; an all-gather piece that overwrites input is copied out first.
 #pragma once
 
 #include <cstdint>
