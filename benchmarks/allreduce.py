@@ -28,7 +28,9 @@ from _membership import wait_for_world
 
 DEFAULT_SIZES = ["4KiB", "1MiB", "16MiB", "64MiB", "256MiB"]
 UNITS = {u + s: 1 << 10 * i for i, u in enumerate("KMG", 1) for s in ("", "IB", "B")} | {"": 1, "B": 1}
-WARMUP = 2
+# Untimed ops before timing, for both libraries: the first is the start barrier (and pccl's ring set-up);
+# pccl's next few still grow TCP buffers and fill its buffer caches, and a run measures steady state.
+WARMUP = 4
 
 
 def parse_size(text: str) -> int:
@@ -42,7 +44,7 @@ def parse_size(text: str) -> int:
 
 
 def default_reps(nbytes: int) -> int:
-    return 20 if nbytes <= 1 << 20 else 10 if nbytes <= 16 << 20 else 5
+    return 20 if nbytes <= 1 << 20 else 10 if nbytes <= 64 << 20 else 5
 
 
 def human(nbytes: float) -> str:
@@ -278,7 +280,7 @@ def main() -> int:
     ap.add_argument("--sizes", type=parse_size, nargs="+", default=[parse_size(s) for s in DEFAULT_SIZES],
                     help="tensor sizes in bytes, or with a KiB/MiB/GiB suffix")
     ap.add_argument("--pool", type=int, default=1, help="pccl p2p_connection_pool_size (default 1, as in the README table; 0: the library default, 16)")
-    ap.add_argument("--reps", type=int, help="timed repetitions per size (default 20 <= 1 MiB, 10 <= 16 MiB, else 5)")
+    ap.add_argument("--reps", type=int, help="timed repetitions per size (default 20 <= 1 MiB, 10 <= 64 MiB, else 5)")
     ap.add_argument("--rounds", type=int, default=3, help="alternate pccl and gloo this many times (median)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per world size and library")
     ap.add_argument("--no-gloo", action="store_true", help="run pccl only")
@@ -296,7 +298,7 @@ def main() -> int:
         if not have_torch:
             print("torch (with torch.distributed gloo) is not installed: running pccl only")
     print(machine())
-    print(f"pool={args.pool}, rounds={args.rounds}, warm-up={WARMUP}, reps={args.reps or '20/10/5 by size'}; times are the median "
+    print(f"pool={args.pool}, rounds={args.rounds}, warm-up={WARMUP}, reps={args.reps or '20/10/5 by size (<=1 MiB, <=64 MiB, more)'}; times are the median "
           f"over peers of each peer's median; pccl/gloo = pccl bus bandwidth (in|out) / gloo's; "
           f"extra mem = max over peers ('~': VmHWM-delta fallback)")
     report, failed = {"machine": machine(), "pool": args.pool, "worlds": {}}, False
