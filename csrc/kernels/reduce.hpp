@@ -22,7 +22,9 @@ void reduce_finalize(DataType dtype, ReduceOp op, void* dst, const void* src, si
 // In place: `local` holds this peer's input, `received` the bytes that just arrived. Afterwards
 // local[i] = op(received[i], local[i]) (world != 0: finalised as reduce_finalize does) and
 // received[i] holds the input local[i] had: the copy a restore needs, made in the same pass.
-// Results are bit-identical to reduce_into/reduce_finalize on the same operands.
+// Results equal reduce_into/reduce_finalize's on the same operands, NaN payloads aside: when both
+// operands of a SUM or PROD are NaN, which payload survives is the compiler's and CPU's choice in
+// either kernel. Peers still agree bit for bit: each value is computed once and then forwarded.
 void reduce_swap(DataType dtype, ReduceOp op, void* local, void* received, size_t n, uint32_t world);
 
 }  // namespace pccl::kernels

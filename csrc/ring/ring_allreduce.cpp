@@ -28,6 +28,7 @@ RingAllReduce::RingAllReduce(const Params& p)
     const uint64_t n = plan_.total_pieces();
     seen_[0].assign(n, 0);
     seen_[1].assign(n, 0);
+    reduced_.assign(n, 0);
     if (in_place()) saved_.assign(n, 0);
     // Reduce-scatter brings every chunk but our own; all-gather every chunk but the one we own.
     pieces_left_ = (n - plan_.pieces_in_chunk(my_chunk())) + (n - plan_.pieces_in_chunk(owned_chunk()));
@@ -87,6 +88,13 @@ uint8_t* RingAllReduce::accept_piece(wire::RingPhase phase, uint64_t offset, uin
         error = "duplicate piece";
         return nullptr;
     }
+    // A piece's all-gather lap can only begin after this peer forwarded its reduce-scatter value, so
+    // one that comes earlier breaks the protocol; in place it would also land on the backup copy
+    // while the reduce-scatter bytes are still arriving there, and a restore would mix the two.
+    if (!rs && c != my_chunk() && !(seen_[0][static_cast<size_t>(index)] && reduced_[static_cast<size_t>(index)])) {
+        error = "all-gather piece before its reduce-scatter piece";
+        return nullptr;
+    }
     seen = 1;
     if (p_.quant) {  // quantized bytes land in a buffer of their own, decoded on arrival
         const uint64_t token = new_buffer(bytes);
@@ -120,6 +128,7 @@ void RingAllReduce::on_piece_received(PieceSink& sink, wire::RingPhase phase, ui
     --pieces_left_;
     const uint64_t n = plan_.piece_elems_at(offset);
     const int64_t piece = plan_.piece_index(offset, n);
+    if (phase == wire::RingPhase::REDUCE_SCATTER) reduced_[static_cast<size_t>(piece)] = 1;
     if (p_.quant) return on_quantized_piece(sink, phase, offset, n, piece);
     uint8_t* data = p_.recv + offset * elem_;
     const uint32_t c = plan_.chunk_of(offset);

@@ -4,7 +4,8 @@
 // forwards it verbatim. Each reduced value is computed exactly once, hence bit-identical results.
 //
 // Peer `rank` sends chunk `rank` first; the piece of chunk c is owned (fully reduced) at peer c-1.
-// Buffers: `send` is never written; `recv` receives every piece in place (no staging). In place
+// Buffers: `send` is never written; out of place, `recv` receives every piece where it belongs (no
+// staging). In place
 // (`send` null, `backup` given), the caller's input is saved piece by piece before its first
 // overwrite, and restore_input() puts every overwritten piece back when the op fails. A
 // reduce-scatter piece is received into `backup` at its offset and reduced with a swap (the sum
@@ -93,6 +94,7 @@ private:
     size_t elem_;
     RingPlan plan_;
     std::vector<uint8_t> seen_[2];  // per phase, per piece: accepted already
+    std::vector<uint8_t> reduced_;  // per piece: its reduce-scatter bytes were delivered here
     std::vector<uint8_t> saved_;    // in place, per piece: copied to backup before its first overwrite
     // Quantized pieces the ring owns (to send, or received and waiting to be decoded/forwarded).
     std::unordered_map<uint64_t, std::vector<uint8_t>> buffers_;
