@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <iterator>
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -403,11 +404,8 @@ void DataPlane::close_in(uint64_t id, const std::string& why) {
     loop_.unwatch(it->second->watch);
     parked_.erase(id);
     if (it->second->state == InState::STASH) {
-        auto f = early_frames_.find(it->second->stash);
-        if (f != early_frames_.end()) {
-            early_in_bytes_[f->second.peer] -= f->second.bytes;
-            early_buffers_.give_back(std::move(f->second.payload));
-            early_frames_.erase(f);
+        if (auto f = early_frames_.find(it->second->stash); f != early_frames_.end()) {
+            forget_early_frame(f);
             loop_.post([this] { unpark_all(); });  // a connection may be parked on that memory
         }
     }
@@ -527,11 +525,15 @@ void DataPlane::finish_stash(InConn& c) {
     if (ops_.contains(uid)) {
         replay_early_frames(uid);  // the op started while this frame was being read
     } else if (!tickets_.contains(uid)) {
-        early_in_bytes_[it->second.peer] -= it->second.bytes;
-        early_buffers_.give_back(std::move(it->second.payload));
-        early_frames_.erase(it);
+        forget_early_frame(it);
         unpark_all();  // a connection may be parked on that memory
     }
+}
+
+std::map<uint64_t, DataPlane::EarlyFrame>::iterator DataPlane::forget_early_frame(std::map<uint64_t, EarlyFrame>::iterator it) {
+    early_in_bytes_[it->second.peer] -= it->second.bytes;
+    early_buffers_.give_back(std::move(it->second.payload));
+    return early_frames_.erase(it);
 }
 
 void DataPlane::replay_early_frames(uint64_t uid) {
@@ -541,30 +543,25 @@ void DataPlane::replay_early_frames(uint64_t uid) {
     for (uint64_t key : keys) {
         auto fit = early_frames_.find(key);
         if (fit == early_frames_.end()) continue;
-        EarlyFrame f = std::move(fit->second);
-        early_frames_.erase(fit);
-        early_in_bytes_[f.peer] -= f.bytes;
-        struct GiveBack {  // whichever way this iteration ends
-            ScratchPool& pool;
-            ScratchPool::Buffer& buffer;
-            ~GiveBack() { pool.give_back(std::move(buffer)); }
-        } give_back{early_buffers_, f.payload};
+        const EarlyFrame& f = fit->second;
         auto op = ops_.find(uid);
-        if (op == ops_.end()) continue;          // failed meanwhile: drop the rest
-        if (op->second.prev != f.peer) continue;  // sent on a ring view the master did not confirm
-        std::string error;
-        const uint32_t bytes = f.bytes;
-        uint8_t* dest = op->second.ring->accept_piece(f.phase, f.offset, bytes, error);
-        if (!dest) {
-            fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "a piece from the previous peer does not fit this op: " + error), f.peer);
+        // Gone: the op failed meanwhile. Another previous peer: sent on a ring view the master did not confirm.
+        if (op == ops_.end() || op->second.prev != f.peer) {
+            forget_early_frame(fit);
             continue;
         }
-        std::memcpy(dest, f.payload.data.get(), bytes);
         wire::DataHeader h;
         h.phase = static_cast<uint8_t>(f.phase);
         h.b = f.offset;
-        h.length = bytes;
-        deliver_piece(uid, op->second, h);
+        h.length = f.bytes;
+        const PeerId from = f.peer;
+        std::string error;
+        uint8_t* dest = op->second.ring->accept_piece(f.phase, f.offset, f.bytes, error);
+        if (dest) std::memcpy(dest, f.payload.data.get(), f.bytes);
+        // Forgotten before the op reacts: failing or delivering may drop this uid's frames.
+        forget_early_frame(fit);
+        if (!dest) fail_op(uid, Status::error(Result::RANK_CONNECTION_LOST, "a piece from the previous peer does not fit this op: " + error), from);
+        else deliver_piece(uid, op->second, h);
     }
 }
 
@@ -574,15 +571,8 @@ void DataPlane::drop_early_frames(uint64_t uid) {
         auto f = early_frames_.find(c->stash);
         if (f != early_frames_.end() && f->second.uid == uid) c->state = InState::DISCARD;  // the rest of it
     }
-    for (auto it = early_frames_.begin(); it != early_frames_.end();) {
-        if (it->second.uid != uid) {
-            ++it;
-            continue;
-        }
-        early_in_bytes_[it->second.peer] -= it->second.bytes;
-        early_buffers_.give_back(std::move(it->second.payload));
-        it = early_frames_.erase(it);
-    }
+    for (auto it = early_frames_.begin(); it != early_frames_.end();)
+        it = it->second.uid == uid ? forget_early_frame(it) : std::next(it);
 }
 
 void DataPlane::add_ticket(uint64_t uid) {

@@ -242,6 +242,8 @@ private:
     void replay_early_frames(uint64_t uid);
     void finish_stash(InConn& c);
     void drop_early_frames(uint64_t uid);
+    // Erases an early frame: its bytes leave its peer's allowance, its buffer goes back for reuse.
+    std::map<uint64_t, EarlyFrame>::iterator forget_early_frame(std::map<uint64_t, EarlyFrame>::iterator it);
 
     net::EventLoop& loop_;
     DataPlaneEvents& events_;

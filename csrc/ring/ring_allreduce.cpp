@@ -91,7 +91,7 @@ uint8_t* RingAllReduce::accept_piece(wire::RingPhase phase, uint64_t offset, uin
     // A piece's all-gather lap can only begin after this peer forwarded its reduce-scatter value, so
     // one that comes earlier breaks the protocol; in place it would also land on the backup copy
     // while the reduce-scatter bytes are still arriving there, and a restore would mix the two.
-    if (!rs && c != my_chunk() && !(seen_[0][static_cast<size_t>(index)] && reduced_[static_cast<size_t>(index)])) {
+    if (!rs && c != my_chunk() && !reduced_[static_cast<size_t>(index)]) {
         error = "all-gather piece before its reduce-scatter piece";
         return nullptr;
     }
