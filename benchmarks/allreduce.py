@@ -285,7 +285,11 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per world size and library")
     ap.add_argument("--no-gloo", action="store_true", help="run pccl only")
     ap.add_argument("--json", metavar="PATH", help="also write the raw figures here")
+    ap.add_argument("--send-thread", choices=["auto", "on", "off"],
+                    help="PCCL_SEND_THREAD for the pccl peers (default: as set, else auto: a writer thread with >= 4 cores)")
     args = ap.parse_args()
+    if args.send_thread:
+        os.environ["PCCL_SEND_THREAD"] = args.send_thread  # the spawned peers inherit it
     if min(args.world) < 2:
         ap.error("--world sizes must be >= 2")
     have_torch = False
@@ -298,10 +302,13 @@ def main() -> int:
         if not have_torch:
             print("torch (with torch.distributed gloo) is not installed: running pccl only")
     print(machine())
+    import pccl._core as core
+    print(f"pccl writes frames on {'a thread of their own' if core.send_thread_enabled() else 'the reactor thread'} "
+          f"(PCCL_SEND_THREAD={os.environ.get('PCCL_SEND_THREAD', 'auto')})")
     print(f"pool={args.pool}, rounds={args.rounds}, warm-up={WARMUP}, reps={args.reps or '20/10/5 by size (<=1 MiB, <=64 MiB, more)'}; times are the median "
           f"over peers of each peer's median; pccl/gloo = pccl bus bandwidth (in|out) / gloo's; "
           f"extra mem = max over peers ('~': VmHWM-delta fallback)")
-    report, failed = {"machine": machine(), "pool": args.pool, "worlds": {}}, False
+    report, failed = {"machine": machine(), "pool": args.pool, "send_thread": core.send_thread_enabled(), "worlds": {}}, False
     for world in args.world:
         t0 = time.monotonic()
         try:

@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "client/communicator.hpp"
+#include "client/frame_writer.hpp"
 #include "client/session.hpp"
 #include "common/limits.hpp"
 #include "master/master_node.hpp"
@@ -167,6 +168,8 @@ std::tuple<int, std::string, uint32_t, uint64_t, uint64_t> wait_handle(client::R
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "pccl core (C++): master, communicator, ring all-reduce";
+    m.def("send_thread_enabled", &client::FrameWriter::threaded_by_default,
+          "Whether communicators of this process write frames on a thread of their own (PCCL_SEND_THREAD).");
 
     py::class_<master::MasterNode>(m, "MasterNode")
         .def(py::init([](std::string address, int64_t timeout_ms) {

@@ -119,8 +119,9 @@ class Cluster:
 
     def __init__(self, peer_timeout_s: float | None = None, listen: str = "127.0.0.1:0",
                  prefix: list[str] | None = None, status_port: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, peer_env: dict[str, str] | None = None) -> None:
         self.procs: list[Proc] = []
+        self.peer_env = dict(peer_env or {})  # for every peer, under each peer's own `env`
         self.prefix = list(prefix or [])  # e.g. ["ip", "netns", "exec", NAME]: run everything there
         argv = self.prefix + [sys.executable, "-m", "pccl.master", "--listen-address", listen]
         if peer_timeout_s is not None:
@@ -164,7 +165,8 @@ class Cluster:
         spec = {"scenario": scenario, "master": args.pop("master", self.address), **args}
         label = name or f"peer[{scenario}:{args.get('index', len(self.procs))}]"
         prefix = self.prefix if prefix is None else prefix
-        return self._track(Proc(prefix + [sys.executable, str(program), json.dumps(spec)], label, env))
+        return self._track(Proc(prefix + [sys.executable, str(program), json.dumps(spec)], label,
+                                {**self.peer_env, **(env or {})}))
 
     def master_alive(self) -> bool:
         return self.master.alive

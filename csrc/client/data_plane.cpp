@@ -76,9 +76,13 @@ private:
     ring::RingAllReduce* ring_;
 };
 
-DataPlane::DataPlane(net::EventLoop& loop, DataPlaneEvents& events, size_t pool_size)
+DataPlane::DataPlane(net::EventLoop& loop, DataPlaneEvents& events, size_t pool_size, bool threaded_writer)
     : loop_(loop), events_(events), pool_size_(std::clamp<size_t>(pool_size, 1, limits::kMaxPoolSize)),
-      probe_sink_(loop), discard_(limits::kDiscardBufferBytes) {}
+      probe_sink_(loop), discard_(limits::kDiscardBufferBytes),
+      writer_(loop, threaded_writer,
+              FrameWriter::Callbacks{
+                  [this](const std::vector<FrameWriter::SentFrame>& sent) { on_frames_sent(sent); },
+                  [this](PeerId peer, uint64_t generation, const std::string& why) { on_write_failed(peer, generation, why); }}) {}
 
 DataPlane::~DataPlane() { close_all(); }
 
@@ -173,7 +177,6 @@ void DataPlane::out_connected(OutConn& c) {
         return;
     }
     c.state = OutState::AWAIT_ACK;
-    c.want_write = false;
     loop_.modify(c.watch, kInEvents);
 }
 
@@ -210,10 +213,9 @@ void DataPlane::on_out_io(uint64_t id, uint32_t events) {
                                                      "peer " + std::to_string(peer) + " refused the data connection"));
             if (c.ack_got == sizeof(c.ack)) {
                 c.state = OutState::READY;
-                ++pools_[peer].ready;
-                if (!feed(c))
-                    return fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST,
-                                                         "connection to peer " + std::to_string(peer) + " lost"));
+                Pool& pool = pools_[peer];
+                ++pool.ready;
+                writer_.add_connection(peer, pool.generation, c.id, c.fd.get());
                 pool_ready_changed(peer);
                 return;
             }
@@ -225,11 +227,6 @@ void DataPlane::on_out_io(uint64_t id, uint32_t events) {
                 return fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST,
                                                      "connection to next peer " + std::to_string(peer) + " lost"));
         }
-    }
-    if ((events & EPOLLOUT) && c.state == OutState::READY) {
-        if (!feed(c))
-            return fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST,
-                                                 "connection to next peer " + std::to_string(peer) + " lost"));
     }
 }
 
@@ -247,6 +244,7 @@ void DataPlane::fail_pool(PeerId peer, const Status& why, bool silent) {
     Pool pool = std::move(it->second);
     pools_.erase(it);
     PCCL_LOG(INFO, "peer ", me_, ": closing data connections to peer ", peer, ": ", why.message);
+    writer_.remove_pool(peer);  // before the sockets close: the writer may be in a sendmsg on one
     for (uint64_t id : pool.conns) {
         auto c = out_.find(id);
         if (c == out_.end()) continue;
@@ -270,13 +268,6 @@ void DataPlane::post_fail_pool(PeerId peer, const Status& why) {
         auto pool = pools_.find(peer);
         if (pool != pools_.end() && pool->second.generation == generation) fail_pool(peer, why);
     });
-}
-
-void DataPlane::arm_out(OutConn& c) {
-    const bool want = !c.queue.empty();
-    if (want == c.want_write) return;
-    c.want_write = want;
-    loop_.modify(c.watch, kInEvents | (want ? EPOLLOUT : 0u));
 }
 
 void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64_t offset, uint32_t bytes,
@@ -305,71 +296,44 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
     h.length = bytes;
     h.a = uid;
     h.b = offset;
-    pit->second.backlog.push(make_frame(h, data, uid, token));
-    feed_pool(next);
+    write_frames(next, pit->second.generation, uid, {make_frame(h, data, uid, token)});
 }
 
-void DataPlane::feed_pool(PeerId peer) {
-    auto pit = pools_.find(peer);
-    if (pit == pools_.end()) return;
-    for (uint64_t id : pit->second.conns) {
-        if (pit->second.backlog.empty()) return;
-        OutConn& c = *out_.at(id);
-        if (c.state != OutState::READY || c.queue.bytes() >= limits::kBoundAheadBytes) continue;
-        if (!feed(c)) {
-            // Never fail from inside the ring's callback chain: do it from a clean stack.
-            post_fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST, "connection to next peer " + std::to_string(peer) + " lost"));
-            return;
+void DataPlane::write_frames(PeerId peer, uint64_t generation, uint64_t queue_key, std::vector<SendItem> frames) {
+    unsent_frames_[queue_key] += frames.size();
+    writer_.push(peer, generation, std::move(frames));
+}
+
+void DataPlane::drop_unsent(uint64_t queue_key) {
+    // A finished op's frames were all written: no round trip to a writer thread for it.
+    if (unsent_frames_.erase(queue_key) > 0) writer_.drop(queue_key);
+}
+
+void DataPlane::on_frames_sent(const std::vector<FrameWriter::SentFrame>& sent) {
+    const auto now = Clock::now();
+    for (const auto& f : sent) {
+        if (auto u = unsent_frames_.find(f.queue_key); u != unsent_frames_.end() && --u->second == 0) unsent_frames_.erase(u);
+        if (f.zeros) continue;  // the rest of a cancelled op's frame
+        if (f.queue_key >> 63) {  // shared-state data
+            auto sync = syncs_.find(f.queue_key & ~(1ull << 63));
+            if (sync == syncs_.end()) continue;
+            sync->second.stats.tx_bytes += f.bytes;
+            sync->second.last_progress = now;
+            continue;
         }
+        auto op = ops_.find(f.queue_key);
+        if (op == ops_.end()) continue;
+        op->second.ring->on_piece_sent(f.token);
+        op->second.stats.tx_bytes += f.bytes;
+        op->second.last_progress = now;
+        maybe_complete(f.queue_key);
     }
 }
 
-bool DataPlane::feed(OutConn& c) {
-    FairSendQueue& backlog = pools_.at(c.peer).backlog;
-    for (;;) {
-        bind_frames(backlog, c.queue, limits::kBoundAheadBytes);
-        if (!flush(c)) return false;
-        // Stop once the socket is full (frames left) or nothing is left to bind.
-        if (!c.queue.empty() || backlog.empty()) break;
-    }
-    arm_out(c);
-    return true;
-}
-
-bool DataPlane::flush(OutConn& c) {
-    iovec iov[limits::kMaxSendBatchIov * 2];
-    std::vector<SendItem*> order;
-    order.reserve(limits::kMaxSendBatchIov);
-    while (!c.queue.empty()) {
-        const size_t n_iov = c.queue.gather(iov, std::size(iov), order);
-        msghdr msg{};
-        msg.msg_iov = iov;
-        msg.msg_iovlen = n_iov;
-        const ssize_t w = ::sendmsg(c.fd.get(), &msg, MSG_NOSIGNAL);
-        if (w < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) return true;
-            if (errno == EINTR) continue;
-            return false;
-        }
-        const auto now = Clock::now();
-        c.queue.advance(static_cast<size_t>(w), order, [&](const SendItem& item) {
-            if (item.data == nullptr) return;  // zeros finishing a cancelled op's frame
-            if (item.uid >> 63) {              // shared-state data
-                auto sync = syncs_.find(item.uid & ~(1ull << 63));
-                if (sync == syncs_.end()) return;
-                sync->second.stats.tx_bytes += item.total();
-                sync->second.last_progress = now;
-                return;
-            }
-            auto op = ops_.find(item.uid);
-            if (op == ops_.end()) return;
-            op->second.ring->on_piece_sent(item.token);
-            op->second.stats.tx_bytes += item.total();
-            op->second.last_progress = now;
-            maybe_complete(item.uid);
-        });
-    }
-    return true;
+void DataPlane::on_write_failed(PeerId peer, uint64_t generation, const std::string& why) {
+    auto it = pools_.find(peer);
+    if (it == pools_.end() || it->second.generation != generation) return;  // that pool is gone already
+    fail_pool(peer, Status::error(Result::RANK_CONNECTION_LOST, why));
 }
 
 // ------------------------------------------------------------------ incoming connections
@@ -791,8 +755,7 @@ DataPlane::OpStats DataPlane::remove_op(uint64_t uid) {
         max_go_uid_ = std::max(max_go_uid_, uid);
     }
     ops_.erase(it);
-    for (auto& [peer, pool] : pools_) pool.backlog.drop_op(uid);
-    for (auto& [id, c] : out_) c->queue.drop_op(uid);
+    drop_unsent(uid);
     for (auto& [id, c] : in_)
         if (c->state == InState::PAYLOAD && c->h.a == uid && c->h.kind == static_cast<uint8_t>(wire::DataFrameKind::DATA))
             c->state = InState::DISCARD;
@@ -844,6 +807,7 @@ void DataPlane::send_sync_ranges(uint64_t uid, const std::vector<wire::SyncRange
         ensure_pool(r.peer, nullptr);
         auto pit = pools_.find(r.peer);
         if (pit == pools_.end() || pit->second.conns.empty()) continue;  // unknown peer: the master will notice
+        std::vector<SendItem> frames;
         for (uint64_t rel = 0; rel < r.length; rel += limits::kSyncFrameBytes) {
             wire::DataHeader h;
             h.kind = static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA);
@@ -851,9 +815,9 @@ void DataPlane::send_sync_ranges(uint64_t uid, const std::vector<wire::SyncRange
             h.a = uid;
             h.b = r.offset + rel;
             h.aux = r.entry;
-            pit->second.backlog.push(make_frame(h, s.entries[r.entry].data + r.offset + rel, sync_queue_key(uid)));
+            frames.push_back(make_frame(h, s.entries[r.entry].data + r.offset + rel, sync_queue_key(uid)));
         }
-        feed_pool(r.peer);
+        write_frames(r.peer, pit->second.generation, sync_queue_key(uid), std::move(frames));
     }
 }
 
@@ -865,8 +829,7 @@ DataPlane::OpStats DataPlane::end_sync(uint64_t uid) {
         stats = it->second.stats;
         syncs_.erase(it);
     }
-    for (auto& [peer, pool] : pools_) pool.backlog.drop_op(sync_queue_key(uid));
-    for (auto& [id, c] : out_) c->queue.drop_op(sync_queue_key(uid));
+    drop_unsent(sync_queue_key(uid));
     for (auto& [id, c] : in_)
         if (c->state == InState::PAYLOAD && c->h.a == uid && c->h.kind == static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA))
             c->state = InState::DISCARD;
@@ -1017,6 +980,7 @@ void DataPlane::check_deadlines(Clock::time_point now, std::chrono::milliseconds
 }
 
 void DataPlane::close_all() {
+    writer_.stop();  // before the sockets close
     probe_sink_.close_all();
     for (auto& [id, c] : out_) loop_.unwatch(c->watch);
     for (auto& [id, c] : in_) loop_.unwatch(c->watch);
@@ -1032,6 +996,7 @@ void DataPlane::close_all() {
     early_out_bytes_.clear();
     early_retained_.clear();
     syncs_.clear();
+    unsent_frames_.clear();
     if (listener_.valid()) {
         loop_.unwatch(listener_watch_);
         listener_.reset();

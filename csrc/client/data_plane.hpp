@@ -1,10 +1,10 @@
 // The peer-to-peer transport of one communicator, run on its reactor thread: the listening socket,
 // K outgoing connections per ring neighbour (a pool), incoming connections, and the routing of data
-// frames to running operations by op uid. Pieces are striped over the pool by late binding: they
-// wait in the pool's backlog until a connection has room (bind_frames), so the fastest connections
-// carry the most. Concurrent ops share the backlog and each connection round-robin (FairSendQueue);
-// pieces are written straight from the caller's memory with sendmsg and read straight into the
-// destination.
+// frames to running operations by op uid. Writing is the FrameWriter's (inline or on a thread of its
+// own): pieces are striped over the pool by late binding (they wait in the pool's backlog until a
+// connection has room, so the fastest connections carry the most), concurrent ops share the backlog
+// and each connection round-robin, and pieces are written straight from the caller's memory with
+// sendmsg. They are read straight into the destination.
 //
 // A frame for an op this peer has not been told about yet (uid above the last OP_GO) parks its
 // connection: TCP back-pressure holds the sender until the OP_GO arrives. A frame for an op that is
@@ -32,6 +32,7 @@
 #include "net/address.hpp"
 #include "net/event_loop.hpp"
 #include "client/bandwidth_probe.hpp"
+#include "client/frame_writer.hpp"
 #include "client/scratch_pool.hpp"
 #include "client/send_queue.hpp"
 #include "ring/ring_allreduce.hpp"
@@ -60,7 +61,9 @@ public:
 
 class DataPlane {
 public:
-    DataPlane(net::EventLoop& loop, DataPlaneEvents& events, size_t pool_size);
+    // `threaded_writer`: frames are written on a thread of their own (FrameWriter).
+    DataPlane(net::EventLoop& loop, DataPlaneEvents& events, size_t pool_size,
+              bool threaded_writer = FrameWriter::threaded_by_default());
     ~DataPlane();
 
     Status listen(int family, uint16_t& port_out);
@@ -125,15 +128,12 @@ private:
         PeerId peer = 0;
         uint32_t index = 0;
         OutState state = OutState::CONNECTING;
-        FairSendQueue queue;
         uint8_t ack[wire::kDataHeaderBytes];
         size_t ack_got = 0;
-        bool want_write = false;
         Clock::time_point started;
     };
     struct Pool {
         std::vector<uint64_t> conns;
-        FairSendQueue backlog;  // frames no connection has taken yet
         uint64_t generation = 0;  // tells a pool from a later one to the same peer
         size_t ready = 0;
         std::vector<std::function<void(Status)>> waiters;
@@ -211,13 +211,13 @@ private:
     void on_in_io(uint64_t id, uint32_t events);
     void out_connected(OutConn& c);
     bool out_read_ack(OutConn& c);
-    bool flush(OutConn& c);
-    // Binds backlog frames to `c` and writes until its socket is full or the backlog is empty;
-    // false when the connection failed. Leaves EPOLLOUT armed exactly while `c` holds frames.
-    bool feed(OutConn& c);
-    // Feeds every ready connection of the pool that has room, while the backlog lasts.
-    void feed_pool(PeerId peer);
-    void arm_out(OutConn& c);
+    // Hands frames of one op or sync (`queue_key`) to the writer, counted until they are written.
+    void write_frames(PeerId peer, uint64_t generation, uint64_t queue_key, std::vector<SendItem> frames);
+    // The writer's reports (reactor thread).
+    void on_frames_sent(const std::vector<FrameWriter::SentFrame>& sent);
+    void on_write_failed(PeerId peer, uint64_t generation, const std::string& why);
+    // No write reads the frames of `queue_key` after this returns.
+    void drop_unsent(uint64_t queue_key);
     void enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64_t offset, uint32_t bytes, const uint8_t* data,
                  uint64_t token);
     void pool_ready_changed(PeerId peer);
@@ -274,6 +274,8 @@ private:
     uint64_t next_conn_id_ = 1;
     uint64_t next_pool_generation_ = 1;
     std::vector<uint8_t> discard_;
+    std::unordered_map<uint64_t, uint64_t> unsent_frames_;  // by queue key: handed to the writer, not reported written
+    FrameWriter writer_;  // last: stopped first, while the sockets it writes are still open
 };
 
 }  // namespace pccl::client

@@ -105,6 +105,10 @@ inline constexpr const char* kDataCongestionControl = "cubic";
 // pieces bound when queued, each of 16 connections got a fixed 1/16 of an op, and the one that a
 // loss slowed set the op's end (100 ms RTT, 1 Gbit/s emulated WAN, 256 MiB: 3.1-3.7 s data phase).
 inline constexpr size_t kBoundAheadBytes = 256 * 1024;
+// Frames are written on a thread of their own (client/frame_writer.hpp) when the process may run
+// on at least this many cores (PCCL_SEND_THREAD=on|off overrides). With fewer, the peers of one
+// machine already keep every core busy and a second thread per peer only adds wake-ups.
+inline constexpr unsigned kSendThreadMinCores = 4;
 // Speculative start: a peer holding an OP_TICKET for a tag starts the ring as soon as it is called,
 // one master round trip before OP_GO confirms the op (100 ms on a WAN). Until then it sends its next
 // peer at most kSpeculativeBytes over all unconfirmed ops, and each op at most its own bytes /
