@@ -27,6 +27,7 @@ void bind_quant(pybind11::module_&);  // bindings/quant_bindings.cpp
 void bind_send_queue(pybind11::module_&);  // bindings/send_queue_bindings.cpp
 void bind_ring_solver(pybind11::module_&);  // bindings/ring_solver_bindings.cpp
 void bind_ring(pybind11::module_&);  // bindings/ring_bindings.cpp
+void bind_frame_writer(pybind11::module_&);  // bindings/frame_writer_bindings.cpp
 
 namespace {
 
@@ -296,6 +297,7 @@ PYBIND11_MODULE(_core, m) {
 
     bind_quant(m);
     bind_send_queue(m);
+    bind_frame_writer(m);
     bind_ring(m);
     bind_ring_solver(m);
 }
