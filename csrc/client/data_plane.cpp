@@ -300,6 +300,7 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
 }
 
 void DataPlane::write_frames(PeerId peer, uint64_t generation, uint64_t queue_key, std::vector<SendItem> frames) {
+    if (frames.empty()) return;
     unsent_frames_[queue_key] += frames.size();
     writer_.push(peer, generation, std::move(frames));
 }
@@ -312,8 +313,9 @@ void DataPlane::drop_unsent(uint64_t queue_key) {
 void DataPlane::on_frames_sent(const std::vector<FrameWriter::SentFrame>& sent) {
     const auto now = Clock::now();
     for (const auto& f : sent) {
+        // The rest of a dropped frame: its key left unsent_frames_ at the drop, so it counts nothing.
+        if (f.zeros) continue;
         if (auto u = unsent_frames_.find(f.queue_key); u != unsent_frames_.end() && --u->second == 0) unsent_frames_.erase(u);
-        if (f.zeros) continue;  // the rest of a cancelled op's frame
         if (f.queue_key >> 63) {  // shared-state data
             auto sync = syncs_.find(f.queue_key & ~(1ull << 63));
             if (sync == syncs_.end()) continue;

@@ -101,15 +101,16 @@ void FrameWriter::execute(Command cmd, bool wait) {
     uint64_t ticket;
     {
         std::lock_guard lock(mutex_);
-        if (stopping_) return;
-        mailbox_.push_back(std::move(cmd));
+        if (stopping_ || dead_) return;
+        if (wait) awaited_commands_.fetch_add(1, std::memory_order_relaxed);
+        mailbox_.push_back(Posted{std::move(cmd), wait});
         ticket = ++commands_posted_;
     }
     const uint64_t one = 1;
     [[maybe_unused]] auto n = ::write(wake_.get(), &one, sizeof(one));
     if (!wait) return;
     std::unique_lock lock(mutex_);
-    done_.wait(lock, [&] { return commands_run_ >= ticket || stopping_; });
+    done_.wait(lock, [&] { return commands_run_ >= ticket || stopping_ || dead_; });
 }
 
 void FrameWriter::add_connection(PeerId peer, uint64_t generation, uint64_t conn, int fd) {
@@ -165,13 +166,10 @@ void FrameWriter::report_sent() {
 void FrameWriter::thread_main() {
     pthread_setname_np(pthread_self(), "pccl-writer");
     epoll_event events[kMaxEventsPerWait];
-    std::vector<Command> commands;
+    std::vector<Posted> commands;
     for (;;) {
         const int n = epoll_wait(epoll_.get(), events, kMaxEventsPerWait, -1);
-        if (n < 0 && errno != EINTR) {
-            PCCL_LOG(ERR, "frame writer: epoll_wait failed: ", net::errno_text(errno));
-            return;
-        }
+        if (n < 0 && errno != EINTR) return die("epoll_wait failed: " + net::errno_text(errno));
         {
             uint64_t count;
             [[maybe_unused]] auto r = ::read(wake_.get(), &count, sizeof(count));
@@ -182,7 +180,10 @@ void FrameWriter::thread_main() {
             commands.swap(mailbox_);
         }
         // Commands first: a removed pool's socket may already be ready in this batch.
-        for (auto& cmd : commands) cmd();
+        for (auto& cmd : commands) {
+            cmd.run();
+            if (cmd.awaited) awaited_commands_.fetch_sub(1, std::memory_order_relaxed);
+        }
         if (!commands.empty()) {
             {
                 std::lock_guard lock(mutex_);
@@ -190,14 +191,34 @@ void FrameWriter::thread_main() {
             }
             done_.notify_all();
             commands.clear();
+            // Backlogs a round cut short for an awaited command left behind (their connections
+            // may hold nothing, so no EPOLLOUT would bring them back).
+            std::vector<PeerId> waiting;
+            for (const auto& [peer, pool] : pools_)
+                if (!pool.backlog.empty()) waiting.push_back(peer);
+            for (PeerId peer : waiting) feed_pool(peer);
         }
         if (n > 0) serve_ready(events, static_cast<size_t>(n));
         report_sent();
     }
 }
 
+void FrameWriter::die(const std::string& why) {
+    PCCL_LOG(ERR, "frame writer: ", why, "; failing every data connection");
+    report_sent();
+    for (const auto& [peer, pool] : pools_)
+        reactor_.post([failed = callbacks_.failed, peer, generation = pool.generation, why] { failed(peer, generation, why); });
+    // The state stays (stop() clears it after the join); nothing will write it any more.
+    {
+        std::lock_guard lock(mutex_);
+        dead_ = true;
+    }
+    done_.notify_all();
+}
+
 void FrameWriter::serve_ready(const epoll_event* events, size_t n) {
     for (size_t i = 0; i < n; ++i) {
+        if (yield_to_mailbox()) return;  // level-triggered: the rest are reported again
         const uint64_t id = events[i].data.u64;
         if (id == kWakeKey) continue;
         auto it = conns_.find(id);
@@ -241,6 +262,9 @@ void FrameWriter::fail(PeerId peer, const std::string& why) {
     if (it == pools_.end()) return;
     const uint64_t generation = it->second.generation;
     erase_pool(peer);
+    // Frames written before the failure are reported first, as inline: an op whose last frame went
+    // out is complete, and a failure must not turn it into a failed one.
+    if (threaded_) report_sent();
     // Posted in both modes: the reactor must not fail ops from inside the ring's callbacks.
     reactor_.post([failed = callbacks_.failed, peer, generation, why] { failed(peer, generation, why); });
 }
@@ -250,7 +274,7 @@ void FrameWriter::feed_pool(PeerId peer) {
     if (pit == pools_.end()) return;
     const std::vector<uint64_t> conns = pit->second.conns;
     for (uint64_t id : conns) {
-        if (pit->second.backlog.empty()) return;
+        if (pit->second.backlog.empty() || yield_to_mailbox()) return;
         Conn& c = conns_.at(id);
         if (c.queue.bytes() >= limits::kBoundAheadBytes) continue;
         if (!feed(id, c)) {
@@ -275,6 +299,7 @@ bool FrameWriter::feed(uint64_t conn_id, Conn& c) {
 bool FrameWriter::flush(Conn& c) {
     iovec iov[limits::kMaxSendBatchIov * 2];
     while (!c.queue.empty()) {
+        if (yield_to_mailbox()) return true;  // frames left: EPOLLOUT stays armed
         const size_t n_iov = c.queue.gather(iov, std::size(iov), order_);
         msghdr msg{};
         msg.msg_iov = iov;

@@ -13,10 +13,12 @@
 //   receives. Completions are posted to the reactor.
 //
 // Every method is called on the reactor thread. The writer never waits for the reactor; the
-// reactor waits for the writer only in drop() and remove_pool(), for at most one non-blocking
-// sendmsg, because the memory or the socket behind them is about to go away.
+// reactor waits for the writer only in drop() and remove_pool(), because the memory or the socket
+// behind them is about to go away. Such a command cuts the writer's round short: it runs after the
+// non-blocking sendmsg in progress, not after every connection was written full.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -88,6 +90,10 @@ private:
         FairSendQueue backlog;
     };
     using Command = std::function<void()>;
+    struct Posted {
+        Command run;
+        bool awaited = false;  // the reactor waits for it
+    };
 
     // Runs `cmd` in the writer's context: inline at once, threaded through the mailbox; `wait`
     // returns only after it ran.
@@ -100,6 +106,10 @@ private:
     Pool& pool_for(PeerId peer, uint64_t generation);
     void erase_pool(PeerId peer);
     void feed_pool(PeerId peer);
+    // Threaded: the reactor waits on a command, so writing yields to the mailbox.
+    bool yield_to_mailbox() const { return threaded_ && awaited_commands_.load(std::memory_order_relaxed) > 0; }
+    // The thread cannot go on (epoll failed): waiters are released, pools reported failed.
+    void die(const std::string& why);
     bool feed(uint64_t conn_id, Conn& c);
     bool flush(Conn& c);
     void arm(uint64_t conn_id, Conn& c);
@@ -121,10 +131,12 @@ private:
     net::Fd wake_;
     std::mutex mutex_;
     std::condition_variable done_;
-    std::vector<Command> mailbox_;
+    std::vector<Posted> mailbox_;
+    std::atomic<int> awaited_commands_{0};  // posted, awaited, not run yet
     uint64_t commands_posted_ = 0;  // under mutex_
     uint64_t commands_run_ = 0;     // under mutex_
     bool stopping_ = false;         // under mutex_
+    bool dead_ = false;             // under mutex_: the thread ended on an error
     std::thread thread_;
     bool stopped_ = false;
 };
