@@ -241,14 +241,27 @@ def scenario_loop(spec: dict[str, Any]) -> None:
     emit(event="done", successes=successes)
 
 
+DIE_MID_OP_ATTEMPTS = 50
+
+
 def die_mid_op(comm: pccl.Communicator, x: np.ndarray) -> None:
-    """SIGKILL this process once the ring's data is flowing through it (a kill at a known moment)."""
-    recv = np.full_like(x, np.nan)
-    comm.all_reduce_async(x, recv)
-    while np.isnan(recv[::4096]).all():
-        time.sleep(0.0002)
-    emit(event="dying")
-    os.kill(os.getpid(), 9)
+    """SIGKILL this process while the ring's data flows through it: part of the result is here and
+    part is not, so its ring part is unfinished, its OP_END cannot have gone out, and the op must fail
+    for everyone. On a busy machine this thread may only look again once the whole result arrived:
+    then that op succeeds like any other and the next one is tried."""
+    for _ in range(DIE_MID_OP_ATTEMPTS):
+        recv = np.full_like(x, np.nan)
+        handle = comm.all_reduce_async(x, recv)
+        while True:
+            arrived = ~np.isnan(recv[::4096])
+            if arrived.all():
+                break  # too late for this op
+            if arrived.any():
+                emit(event="dying")
+                os.kill(os.getpid(), 9)
+            time.sleep(0.0002)
+        handle.wait()
+    raise RuntimeError(f"never caught one of {DIE_MID_OP_ATTEMPTS} ops in flight")
 
 
 def _safe_world(comm: pccl.Communicator) -> int:

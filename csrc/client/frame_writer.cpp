@@ -102,8 +102,8 @@ void FrameWriter::execute(Command cmd, bool wait) {
     {
         std::lock_guard lock(mutex_);
         if (stopping_ || dead_) return;
-        if (wait) awaited_commands_.fetch_add(1, std::memory_order_relaxed);
-        mailbox_.push_back(Posted{std::move(cmd), wait});
+        queued_commands_.fetch_add(1, std::memory_order_relaxed);
+        mailbox_.push_back(std::move(cmd));
         ticket = ++commands_posted_;
     }
     const uint64_t one = 1;
@@ -166,9 +166,11 @@ void FrameWriter::report_sent() {
 void FrameWriter::thread_main() {
     pthread_setname_np(pthread_self(), "pccl-writer");
     epoll_event events[kMaxEventsPerWait];
-    std::vector<Posted> commands;
+    std::vector<Command> commands;
+    std::vector<PeerId> waiting;
+    bool cut_short = false;  // the last round ended with frames left that no EPOLLOUT may bring back
     for (;;) {
-        const int n = epoll_wait(epoll_.get(), events, kMaxEventsPerWait, -1);
+        const int n = epoll_wait(epoll_.get(), events, kMaxEventsPerWait, cut_short ? 0 : -1);
         if (n < 0 && errno != EINTR) return die("epoll_wait failed: " + net::errno_text(errno));
         {
             uint64_t count;
@@ -179,10 +181,12 @@ void FrameWriter::thread_main() {
             if (stopping_) return;
             commands.swap(mailbox_);
         }
-        // Commands first: a removed pool's socket may already be ready in this batch.
+        round_bytes_ = 0;
+        // Commands first: a removed pool's socket may already be ready in this batch. (Their own
+        // writes wait for the feeding below: round_over() holds while commands are queued.)
         for (auto& cmd : commands) {
-            cmd.run();
-            if (cmd.awaited) awaited_commands_.fetch_sub(1, std::memory_order_relaxed);
+            cmd();
+            queued_commands_.fetch_sub(1, std::memory_order_relaxed);
         }
         if (!commands.empty()) {
             {
@@ -191,14 +195,19 @@ void FrameWriter::thread_main() {
             }
             done_.notify_all();
             commands.clear();
-            // Backlogs a round cut short for an awaited command left behind (their connections
-            // may hold nothing, so no EPOLLOUT would bring them back).
-            std::vector<PeerId> waiting;
-            for (const auto& [peer, pool] : pools_)
-                if (!pool.backlog.empty()) waiting.push_back(peer);
-            for (PeerId peer : waiting) feed_pool(peer);
         }
         if (n > 0) serve_ready(events, static_cast<size_t>(n));
+        // Backlogs whose connections hold nothing (so no EPOLLOUT will come) after a round cut short.
+        waiting.clear();
+        for (const auto& [peer, pool] : pools_)
+            if (!pool.backlog.empty()) waiting.push_back(peer);
+        for (PeerId peer : waiting) feed_pool(peer);
+        // Cut by the byte budget with frames left: go on at once. (Cut by a command: the eventfd
+        // wakes us. Left because every socket is full: EPOLLOUT will.)
+        cut_short = false;
+        if (round_bytes_ >= limits::kWriterRoundBytes)
+            for (PeerId peer : waiting)
+                if (auto it = pools_.find(peer); it != pools_.end() && !it->second.backlog.empty()) cut_short = true;
         report_sent();
     }
 }
@@ -218,7 +227,7 @@ void FrameWriter::die(const std::string& why) {
 
 void FrameWriter::serve_ready(const epoll_event* events, size_t n) {
     for (size_t i = 0; i < n; ++i) {
-        if (yield_to_mailbox()) return;  // level-triggered: the rest are reported again
+        if (round_over()) return;  // level-triggered: the rest are reported again
         const uint64_t id = events[i].data.u64;
         if (id == kWakeKey) continue;
         auto it = conns_.find(id);
@@ -274,7 +283,7 @@ void FrameWriter::feed_pool(PeerId peer) {
     if (pit == pools_.end()) return;
     const std::vector<uint64_t> conns = pit->second.conns;
     for (uint64_t id : conns) {
-        if (pit->second.backlog.empty() || yield_to_mailbox()) return;
+        if (pit->second.backlog.empty() || round_over()) return;
         Conn& c = conns_.at(id);
         if (c.queue.bytes() >= limits::kBoundAheadBytes) continue;
         if (!feed(id, c)) {
@@ -299,7 +308,7 @@ bool FrameWriter::feed(uint64_t conn_id, Conn& c) {
 bool FrameWriter::flush(Conn& c) {
     iovec iov[limits::kMaxSendBatchIov * 2];
     while (!c.queue.empty()) {
-        if (yield_to_mailbox()) return true;  // frames left: EPOLLOUT stays armed
+        if (round_over()) return true;  // frames left: EPOLLOUT stays armed
         const size_t n_iov = c.queue.gather(iov, std::size(iov), order_);
         msghdr msg{};
         msg.msg_iov = iov;
@@ -310,6 +319,7 @@ bool FrameWriter::flush(Conn& c) {
             if (errno == EINTR) continue;
             return false;
         }
+        round_bytes_ += static_cast<size_t>(w);
         c.queue.advance(static_cast<size_t>(w), order_, [&](const SendItem& item) {
             sent_.push_back(SentFrame{item.uid, item.token, item.total(), item.data == nullptr});
         });

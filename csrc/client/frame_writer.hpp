@@ -14,8 +14,13 @@
 //
 // Every method is called on the reactor thread. The writer never waits for the reactor; the
 // reactor waits for the writer only in drop() and remove_pool(), because the memory or the socket
-// behind them is about to go away. Such a command cuts the writer's round short: it runs after the
-// non-blocking sendmsg in progress, not after every connection was written full.
+// behind them is about to go away.
+//
+// Threaded, the writer works in rounds: the mailbox's commands, then writes. A round ends after the
+// sendmsg in progress once a command waits or limits::kWriterRoundBytes went out, and reports the
+// frames it completed: a small op's frame must not wait in the mailbox, nor its completion in the
+// writer, while a big op's backlog streams into a socket that a fast receiver keeps draining (that
+// held a small op until the big one ended).
 #pragma once
 
 #include <atomic>
@@ -32,6 +37,7 @@
 #include <sys/epoll.h>
 
 #include "client/send_queue.hpp"
+#include "common/limits.hpp"
 #include "net/event_loop.hpp"
 #include "net/socket.hpp"
 
@@ -90,10 +96,6 @@ private:
         FairSendQueue backlog;
     };
     using Command = std::function<void()>;
-    struct Posted {
-        Command run;
-        bool awaited = false;  // the reactor waits for it
-    };
 
     // Runs `cmd` in the writer's context: inline at once, threaded through the mailbox; `wait`
     // returns only after it ran.
@@ -106,8 +108,10 @@ private:
     Pool& pool_for(PeerId peer, uint64_t generation);
     void erase_pool(PeerId peer);
     void feed_pool(PeerId peer);
-    // Threaded: the reactor waits on a command, so writing yields to the mailbox.
-    bool yield_to_mailbox() const { return threaded_ && awaited_commands_.load(std::memory_order_relaxed) > 0; }
+    // Threaded: the round is over (a command waits, or the round's byte budget is spent).
+    bool round_over() const {
+        return threaded_ && (round_bytes_ >= limits::kWriterRoundBytes || queued_commands_.load(std::memory_order_relaxed) > 0);
+    }
     // The thread cannot go on (epoll failed): waiters are released, pools reported failed.
     void die(const std::string& why);
     bool feed(uint64_t conn_id, Conn& c);
@@ -131,8 +135,9 @@ private:
     net::Fd wake_;
     std::mutex mutex_;
     std::condition_variable done_;
-    std::vector<Posted> mailbox_;
-    std::atomic<int> awaited_commands_{0};  // posted, awaited, not run yet
+    std::vector<Command> mailbox_;
+    std::atomic<int> queued_commands_{0};  // posted, not run yet
+    size_t round_bytes_ = 0;                // written in this round (writer thread)
     uint64_t commands_posted_ = 0;  // under mutex_
     uint64_t commands_run_ = 0;     // under mutex_
     bool stopping_ = false;         // under mutex_

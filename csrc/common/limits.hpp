@@ -109,6 +109,9 @@ inline constexpr size_t kBoundAheadBytes = 256 * 1024;
 // on at least this many cores (PCCL_SEND_THREAD=on|off overrides). With fewer, the peers of one
 // machine already keep every core busy and a second thread per peer only adds wake-ups.
 inline constexpr unsigned kSendThreadMinCores = 4;
+// A writer thread's round ends once this much went out: it then reports what it completed and takes
+// new frames (0.4 ms at 20 Gbit/s; a round costs a few microseconds).
+inline constexpr size_t kWriterRoundBytes = 1024 * 1024;
 // Speculative start: a peer holding an OP_TICKET for a tag starts the ring as soon as it is called,
 // one master round trip before OP_GO confirms the op (100 ms on a WAN). Until then it sends its next
 // peer at most kSpeculativeBytes over all unconfirmed ops, and each op at most its own bytes /

@@ -56,6 +56,7 @@ void EventLoop::post(Task task) {
     {
         std::lock_guard lock(tasks_mutex_);
         tasks_.push_back(std::move(task));
+        tasks_pending_.store(true, std::memory_order_release);
     }
     const uint64_t one = 1;
     [[maybe_unused]] auto n = ::write(wake_.get(), &one, sizeof(one));
@@ -72,6 +73,7 @@ void EventLoop::drain_tasks() {
     {
         std::lock_guard lock(tasks_mutex_);
         batch.swap(tasks_);
+        tasks_pending_.store(false, std::memory_order_relaxed);
     }
     for (auto& t : batch) t();
 }
@@ -104,6 +106,9 @@ void EventLoop::run(const std::function<void()>& on_tick, std::chrono::milliseco
             if (it == watches_.end()) continue;  // removed earlier in this batch
             const auto callback = it->second.callback;
             (*callback)(events[i].events);
+            // Posted tasks (a writer thread's completions, say) run between callbacks, not after
+            // the whole batch: one data connection's callback may read megabytes.
+            if (tasks_pending_.load(std::memory_order_acquire)) drain_tasks();
         }
         drain_tasks();
     }

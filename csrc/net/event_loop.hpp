@@ -52,6 +52,7 @@ private:
     uint64_t next_id_ = 1;
     std::mutex tasks_mutex_;
     std::vector<Task> tasks_;
+    std::atomic<bool> tasks_pending_{false};  // tasks_ is not empty (set under tasks_mutex_)
     std::atomic<bool> stop_{false};
 };
 
