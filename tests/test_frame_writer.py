@@ -56,7 +56,8 @@ def wait_for(predicate, what: str):
 
 @MODES
 def test_every_frame_arrives_once_and_intact_over_the_pool(threaded):
-    h = frame_writer.Harness(threaded=threaded, connections=3)
+    # Small socket buffers, whatever the system's defaults: one socket cannot swallow the backlog.
+    h = frame_writer.Harness(threaded=threaded, connections=3, buffer_bytes=64 * 1024)
     assert h.threaded == threaded
     payloads = {key: os.urandom(700_000 + key) for key in (1, 2, 3)}
     for key, data in payloads.items():
