@@ -1,5 +1,6 @@
 #include "client/frame_writer.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <iterator>
@@ -22,6 +23,10 @@ namespace {
 
 constexpr uint64_t kWakeKey = 0;  // connection ids start at 1
 constexpr int kMaxEventsPerWait = 64;
+
+std::string lost(uint64_t peer, const std::string& detail = {}) {
+    return "connection to next peer " + std::to_string(peer) + " lost" + (detail.empty() ? "" : ": " + detail);
+}
 
 unsigned usable_cores() {
     cpu_set_t set;
@@ -78,8 +83,7 @@ void FrameWriter::stop() {
             std::lock_guard lock(mutex_);
             stopping_ = true;
         }
-        const uint64_t one = 1;
-        [[maybe_unused]] auto n = ::write(wake_.get(), &one, sizeof(one));
+        wake();
         if (thread_.joinable()) thread_.join();
         done_.notify_all();
     } else {
@@ -92,7 +96,13 @@ void FrameWriter::stop() {
 
 // ------------------------------------------------------------------ reactor side
 
-void FrameWriter::execute(Command cmd, bool wait) {
+void FrameWriter::wake() {
+    const uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(wake_.get(), &one, sizeof(one));
+}
+
+template <typename Fn>
+void FrameWriter::execute(Fn&& cmd, bool wait) {
     if (!threaded_) {
         cmd();
         report_sent();
@@ -103,11 +113,10 @@ void FrameWriter::execute(Command cmd, bool wait) {
         std::lock_guard lock(mutex_);
         if (stopping_ || dead_) return;
         queued_commands_.fetch_add(1, std::memory_order_relaxed);
-        mailbox_.push_back(std::move(cmd));
+        mailbox_.emplace_back(std::forward<Fn>(cmd));
         ticket = ++commands_posted_;
     }
-    const uint64_t one = 1;
-    [[maybe_unused]] auto n = ::write(wake_.get(), &one, sizeof(one));
+    wake();
     if (!wait) return;
     std::unique_lock lock(mutex_);
     done_.wait(lock, [&] { return commands_run_ >= ticket || stopping_ || dead_; });
@@ -204,10 +213,8 @@ void FrameWriter::thread_main() {
         for (PeerId peer : waiting) feed_pool(peer);
         // Cut by the byte budget with frames left: go on at once. (Cut by a command: the eventfd
         // wakes us. Left because every socket is full: EPOLLOUT will.)
-        cut_short = false;
-        if (round_bytes_ >= limits::kWriterRoundBytes)
-            for (PeerId peer : waiting)
-                if (auto it = pools_.find(peer); it != pools_.end() && !it->second.backlog.empty()) cut_short = true;
+        cut_short = round_bytes_ >= limits::kWriterRoundBytes &&
+                    std::any_of(pools_.begin(), pools_.end(), [](const auto& p) { return !p.second.backlog.empty(); });
         report_sent();
     }
 }
@@ -215,8 +222,7 @@ void FrameWriter::thread_main() {
 void FrameWriter::die(const std::string& why) {
     PCCL_LOG(ERR, "frame writer: ", why, "; failing every data connection");
     report_sent();
-    for (const auto& [peer, pool] : pools_)
-        reactor_.post([failed = callbacks_.failed, peer, generation = pool.generation, why] { failed(peer, generation, why); });
+    for (const auto& [peer, pool] : pools_) post_failure(peer, pool.generation, why);
     // The state stays (stop() clears it after the join); nothing will write it any more.
     {
         std::lock_guard lock(mutex_);
@@ -233,11 +239,8 @@ void FrameWriter::serve_ready(const epoll_event* events, size_t n) {
         auto it = conns_.find(id);
         if (it == conns_.end()) continue;  // removed earlier in this round
         const PeerId peer = it->second.peer;
-        if (events[i].events & (EPOLLERR | EPOLLHUP)) {
-            fail(peer, "connection to next peer " + std::to_string(peer) + " lost");
-            continue;
-        }
-        if (!feed(id, it->second)) fail(peer, "connection to next peer " + std::to_string(peer) + " lost: " + net::errno_text(errno));
+        if (events[i].events & (EPOLLERR | EPOLLHUP)) fail(peer, lost(peer));
+        else if (!feed(id, it->second)) fail(peer, lost(peer, net::errno_text(errno)));
     }
 }
 
@@ -274,6 +277,10 @@ void FrameWriter::fail(PeerId peer, const std::string& why) {
     // Frames written before the failure are reported first, as inline: an op whose last frame went
     // out is complete, and a failure must not turn it into a failed one.
     if (threaded_) report_sent();
+    post_failure(peer, generation, why);
+}
+
+void FrameWriter::post_failure(PeerId peer, uint64_t generation, const std::string& why) {
     // Posted in both modes: the reactor must not fail ops from inside the ring's callbacks.
     reactor_.post([failed = callbacks_.failed, peer, generation, why] { failed(peer, generation, why); });
 }
@@ -281,15 +288,12 @@ void FrameWriter::fail(PeerId peer, const std::string& why) {
 void FrameWriter::feed_pool(PeerId peer) {
     auto pit = pools_.find(peer);
     if (pit == pools_.end()) return;
-    const std::vector<uint64_t> conns = pit->second.conns;
-    for (uint64_t id : conns) {
+    // feed() leaves the pool as it is; only fail() erases it, and then we stop.
+    for (uint64_t id : pit->second.conns) {
         if (pit->second.backlog.empty() || round_over()) return;
         Conn& c = conns_.at(id);
         if (c.queue.bytes() >= limits::kBoundAheadBytes) continue;
-        if (!feed(id, c)) {
-            fail(peer, "connection to next peer " + std::to_string(peer) + " lost: " + net::errno_text(errno));
-            return;
-        }
+        if (!feed(id, c)) return fail(peer, lost(peer, net::errno_text(errno)));
     }
 }
 

@@ -99,7 +99,10 @@ private:
 
     // Runs `cmd` in the writer's context: inline at once, threaded through the mailbox; `wait`
     // returns only after it ran.
-    void execute(Command cmd, bool wait);
+    // (A template: inline, on the hot path, the command is called without a std::function.)
+    template <typename Fn>
+    void execute(Fn&& cmd, bool wait);
+    void wake();
     void thread_main();
     void serve_ready(const epoll_event* events, size_t n);
     void report_sent();
@@ -118,6 +121,7 @@ private:
     bool flush(Conn& c);
     void arm(uint64_t conn_id, Conn& c);
     void fail(PeerId peer, const std::string& why);
+    void post_failure(PeerId peer, uint64_t generation, const std::string& why);
 
     net::EventLoop& reactor_;
     const bool threaded_;
