@@ -3,7 +3,9 @@
 Per world size N: a pccl master in this process and N spawned peers; once they are gone, N gloo
 processes (all_reduce SUM in place) run the same sizes, so the two never compete for the CPU.
 Every op is timed on every peer with perf_counter; the figure reported is the median over peers of
-each peer's median. Bus bandwidth = 2(N-1)/N * bytes / time. "Extra memory" is a peer's peak RSS
+each peer's median. A third set of N processes measures the floor under any TCP ring: the bytes a ring
+all-reduce moves, sent and received over loopback TCP with nothing else done (--no-floor skips it).
+Bus bandwidth = 2(N-1)/N * bytes / time. "Extra memory" is a peer's peak RSS
 beyond its own buffers: /proc/self/clear_refs is reset after the buffers are allocated and touched,
 then extra = VmHWM after the ops - VmRSS right after the reset (max over peers).
 
@@ -89,7 +91,8 @@ class PeakMem:
 
 # ---- workers ----------------------------------------------------------------------------------------
 
-def run_sizes(rank: int, world: int, sizes: list[int], reps_override: int | None, modes, op_fn, make):
+def run_sizes(rank: int, world: int, sizes: list[int], reps_override: int | None, modes, op_fn, make,
+              verify: bool = True):
     """Time op_fn over every size and mode; the first warm-up op doubles as the start barrier."""
     out = {}
     for nbytes in sizes:
@@ -102,7 +105,7 @@ def run_sizes(rank: int, world: int, sizes: list[int], reps_override: int | None
                 op_fn(send, recv)
                 if i >= WARMUP:
                     times.append(time.perf_counter() - t0)
-                elif i == 0:
+                elif i == 0 and verify:
                     expected = world * (world + 1) / 2
                     if float(recv[-1]) != expected:
                         raise RuntimeError(f"{mode} {nbytes} B: got {float(recv[-1])}, expected {expected}")
@@ -158,6 +161,63 @@ def gloo_worker(rank, world, port, sizes, pool, reps, q):
 
         q.put(("ok", rank, run_sizes(rank, world, sizes, reps, ("in",), op, make)))
         dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001
+        q.put(("error", rank, traceback.format_exc()))
+
+
+def tcp_floor_worker(rank, world, ports, sizes, pool, reps, q):
+    """No all-reduce at all: each rank sends the bytes a ring all-reduce must send, 2(N-1)/N x size, to the
+    next rank over one loopback TCP connection and receives as many from the previous one, with one
+    blocking send and one MSG_WAITALL receive per op (the kernel does all the work; no reduction, no
+    framing). What this takes is the floor under any TCP ring on this machine, pccl's and gloo's alike."""
+    quiet_threads()
+    try:
+        import threading
+        import numpy as np
+        lsock = socket.create_server(("127.0.0.1", ports[rank]))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                out = socket.create_connection(("127.0.0.1", ports[(rank + 1) % world]), timeout=60)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        lsock.settimeout(60)
+        inc, _ = lsock.accept()
+        for s in (out, inc):
+            s.settimeout(None)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        todo, done = queue.SimpleQueue(), queue.SimpleQueue()
+
+        def sender():
+            while (buf := todo.get()) is not None:
+                out.sendall(buf)
+                done.put(None)
+
+        thread = threading.Thread(target=sender, daemon=True)
+        thread.start()
+
+        def make(count, rank, mode):
+            nbytes = 2 * (world - 1) * count * 4 // world
+            return np.full(nbytes, rank + 1, dtype=np.uint8), np.zeros(nbytes, dtype=np.uint8)
+
+        def op(send, recv):
+            todo.put(memoryview(send))
+            view, got = memoryview(recv), 0
+            while got < len(view):
+                n = inc.recv_into(view[got:], len(view) - got, socket.MSG_WAITALL)
+                if n == 0:
+                    raise ConnectionError("the previous rank closed its connection")
+                got += n
+            done.get()
+
+        q.put(("ok", rank, run_sizes(rank, world, sizes, reps, ("in",), op, make, verify=False)))
+        todo.put(None)
+        thread.join(timeout=10)
+        for s in (out, inc, lsock):
+            s.close()
     except BaseException:  # noqa: BLE001
         q.put(("error", rank, traceback.format_exc()))
 
@@ -244,6 +304,10 @@ def run_world(world, args, have_torch):
                     row[nbytes]["gloo"] = summarize(res, nbytes, "in", world)
             except Exception as exc:  # noqa: BLE001 - keep the pccl figures
                 print(f"  gloo failed for world {world}: {exc}")
+        if args.floor:
+            res = launch(tcp_floor_worker, world, [free_port() for _ in range(world)], args, args.timeout)
+            for nbytes in args.sizes:
+                row[nbytes]["floor"] = summarize(res, nbytes, "in", world)
         per_round.append(row)
     merged = {}
     for nbytes in args.sizes:
@@ -254,18 +318,20 @@ def run_world(world, args, have_torch):
 
 def print_table(world, row):
     cols = ["size", "pccl in ms", "in Gbit/s", "pccl out ms", "out Gbit/s", "gloo ms", "gloo Gbit/s",
-            "pccl/gloo in|out", "pccl extra mem in | out", "gloo extra mem"]
+            "pccl/gloo in|out", "pccl extra mem in | out", "gloo extra mem", "tcp floor ms", "gloo/floor"]
     lines = []
     for nbytes, r in row.items():
         def mem(m):
             return f"{human(m['extra_mem'])} ({m['extra_mem'] / nbytes:.2f}x){'' if m['exact_mem'] else '~'}"
-        g = r.get("gloo")
+        g, fl = r.get("gloo"), r.get("floor")
         lines.append([human(nbytes), f"{r['in']['median_s'] * 1e3:.3f}", f"{r['in']['busbw_gbps']:.2f}",
                       f"{r['out']['median_s'] * 1e3:.3f}", f"{r['out']['busbw_gbps']:.2f}",
                       f"{g['median_s'] * 1e3:.3f}" if g else "-", f"{g['busbw_gbps']:.2f}" if g else "-",
                       f"{r['in']['busbw_gbps'] / g['busbw_gbps']:.2f}|{r['out']['busbw_gbps'] / g['busbw_gbps']:.2f}x"
                       if g else "-",
-                      f"{mem(r['in'])} | {mem(r['out'])}", mem(g) if g else "-"])
+                      f"{mem(r['in'])} | {mem(r['out'])}", mem(g) if g else "-",
+                      f"{fl['median_s'] * 1e3:.3f}" if fl else "-",
+                      f"{g['median_s'] / fl['median_s']:.2f}x" if g and fl else "-"])
     widths = [max(len(c), *(len(ln[i]) for ln in lines)) for i, c in enumerate(cols)]
     print(f"\n== world {world} ==")
     print(" | ".join(c.rjust(w) for c, w in zip(cols, widths)))
@@ -284,6 +350,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternate pccl and gloo this many times (median)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per world size and library")
     ap.add_argument("--no-gloo", action="store_true", help="run pccl only")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip the raw TCP floor (the ring's bytes over loopback TCP, no reduction)")
     ap.add_argument("--json", metavar="PATH", help="also write the raw figures here")
     ap.add_argument("--send-thread", choices=["auto", "on", "off"],
                     help="PCCL_SEND_THREAD for the pccl peers (default: as set, else auto: a writer thread with >= 4 cores)")
@@ -307,7 +375,8 @@ def main() -> int:
           f"(PCCL_SEND_THREAD={os.environ.get('PCCL_SEND_THREAD', 'auto')})")
     print(f"pool={args.pool}, rounds={args.rounds}, warm-up={WARMUP}, reps={args.reps or '20/10/5 by size (<=1 MiB, <=64 MiB, more)'}; times are the median "
           f"over peers of each peer's median; pccl/gloo = pccl bus bandwidth (in|out) / gloo's; "
-          f"extra mem = max over peers ('~': VmHWM-delta fallback)")
+          f"extra mem = max over peers ('~': VmHWM-delta fallback); tcp floor = the ring's bytes alone over "
+          f"loopback TCP (no reduction, no framing), so gloo/floor bounds what any TCP ring can gain over gloo")
     report, failed = {"machine": machine(), "pool": args.pool, "send_thread": core.send_thread_enabled(), "worlds": {}}, False
     for world in args.world:
         t0 = time.monotonic()

@@ -91,7 +91,11 @@ public:
         for (auto& b : buffers_[key]) std::memset(b.data(), value, b.size());
     }
 
-    void drop(uint64_t key) { on_loop([&] { writer_->drop(key); }); }
+    uint64_t drop(uint64_t key) {
+        uint64_t unwritten = 0;
+        on_loop([&] { unwritten = writer_->drop(key); });
+        return unwritten;
+    }
 
     // Forgets the pool and opens a fresh one (a new generation) over new socket pairs.
     void replace_pool() {

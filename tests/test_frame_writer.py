@@ -1,6 +1,7 @@
 """The frame writer (csrc/client/frame_writer.*) over socket pairs, inline and on its own thread:
 every frame arrives once and intact over a pool, a dropped op's memory is never read after drop()
-returns (its half-written frame is finished with zeros), and a write failure names the pool's
+returns (its half-written frame is finished with zeros, and drop() tells exactly how much of the op
+never went out), and a write failure names the pool's
 generation while a fresh pool works."""
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def test_a_dropped_op_is_never_read_again_and_its_half_frame_ends_in_zeros(threa
     h.push(7, b"\xab" * (big + 4096), big)  # one whole frame and the start of a second
     h.push(8, b"\x11" * 4096, 4096)          # another op's frame behind it stays
     wait_for(lambda: h.pending(0) > 0, "the first bytes of the frame")
-    h.drop(7)
+    unwritten = h.drop(7)
     h.fill(7, 0xCD)  # the caller reuses its buffer: none of this may go out
     stream = read_until(h, [0], HEADER + big + HEADER + 4096)[0]
     time.sleep(0.05)
@@ -96,6 +97,9 @@ def test_a_dropped_op_is_never_read_again_and_its_half_frame_ends_in_zeros(threa
     assert 0xCD not in payload, "the dropped op's memory was read after drop() returned"
     written = payload.rstrip(b"\x00")
     assert 0 < len(written) < big and written == b"\xab" * len(written), "the frame must end in zeros"
+    # What drop() says never went out is exactly the zero tail and the second frame: a failed op's
+    # tx_bytes is computed from it while a writer thread's reports are still on their way.
+    assert unwritten == (big - len(written)) + HEADER + 4096
     sent = wait_for(lambda: len(h.sent()) == 2 and h.sent(), "both frames reported")
     assert sent == [(7, HEADER + big, True), (8, HEADER + 4096, False)]
 

@@ -301,13 +301,20 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
 
 void DataPlane::write_frames(PeerId peer, uint64_t generation, uint64_t queue_key, std::vector<SendItem> frames) {
     if (frames.empty()) return;
-    unsent_frames_[queue_key] += frames.size();
+    Unreported& u = unsent_frames_[queue_key];
+    u.frames += frames.size();
+    for (const auto& f : frames) u.bytes += f.total();
     writer_.push(peer, generation, std::move(frames));
 }
 
-void DataPlane::drop_unsent(uint64_t queue_key) {
+uint64_t DataPlane::drop_unsent(uint64_t queue_key) {
     // A finished op's frames were all written: no round trip to a writer thread for it.
-    if (unsent_frames_.erase(queue_key) > 0) writer_.drop(queue_key);
+    auto u = unsent_frames_.find(queue_key);
+    if (u == unsent_frames_.end()) return 0;
+    const uint64_t unreported = u->second.bytes;
+    unsent_frames_.erase(u);
+    const uint64_t unwritten = writer_.drop(queue_key);
+    return unreported > unwritten ? unreported - unwritten : 0;
 }
 
 void DataPlane::on_frames_sent(const std::vector<FrameWriter::SentFrame>& sent) {
@@ -315,7 +322,10 @@ void DataPlane::on_frames_sent(const std::vector<FrameWriter::SentFrame>& sent) 
     for (const auto& f : sent) {
         // The rest of a dropped frame: its key left unsent_frames_ at the drop, so it counts nothing.
         if (f.zeros) continue;
-        if (auto u = unsent_frames_.find(f.queue_key); u != unsent_frames_.end() && --u->second == 0) unsent_frames_.erase(u);
+        if (auto u = unsent_frames_.find(f.queue_key); u != unsent_frames_.end()) {
+            u->second.bytes -= f.bytes;
+            if (--u->second.frames == 0) unsent_frames_.erase(u);
+        }
         if (f.queue_key >> 63) {  // shared-state data
             auto sync = syncs_.find(f.queue_key & ~(1ull << 63));
             if (sync == syncs_.end()) continue;
@@ -757,7 +767,8 @@ DataPlane::OpStats DataPlane::remove_op(uint64_t uid) {
         max_go_uid_ = std::max(max_go_uid_, uid);
     }
     ops_.erase(it);
-    drop_unsent(uid);
+    // Written, but the writer thread's report is still on its way here (it will find no op).
+    stats.tx_bytes += drop_unsent(uid);
     for (auto& [id, c] : in_)
         if (c->state == InState::PAYLOAD && c->h.a == uid && c->h.kind == static_cast<uint8_t>(wire::DataFrameKind::DATA))
             c->state = InState::DISCARD;
@@ -831,7 +842,7 @@ DataPlane::OpStats DataPlane::end_sync(uint64_t uid) {
         stats = it->second.stats;
         syncs_.erase(it);
     }
-    drop_unsent(sync_queue_key(uid));
+    stats.tx_bytes += drop_unsent(sync_queue_key(uid));
     for (auto& [id, c] : in_)
         if (c->state == InState::PAYLOAD && c->h.a == uid && c->h.kind == static_cast<uint8_t>(wire::DataFrameKind::SYNC_DATA))
             c->state = InState::DISCARD;

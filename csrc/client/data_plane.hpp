@@ -216,8 +216,9 @@ private:
     // The writer's reports (reactor thread).
     void on_frames_sent(const std::vector<FrameWriter::SentFrame>& sent);
     void on_write_failed(PeerId peer, uint64_t generation, const std::string& why);
-    // No write reads the frames of `queue_key` after this returns.
-    void drop_unsent(uint64_t queue_key);
+    // No write reads the frames of `queue_key` after this returns. Returns the bytes of them that
+    // were written but not yet reported (a writer thread's reports may still be on their way).
+    uint64_t drop_unsent(uint64_t queue_key);
     void enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64_t offset, uint32_t bytes, const uint8_t* data,
                  uint64_t token);
     void pool_ready_changed(PeerId peer);
@@ -274,7 +275,11 @@ private:
     uint64_t next_conn_id_ = 1;
     uint64_t next_pool_generation_ = 1;
     std::vector<uint8_t> discard_;
-    std::unordered_map<uint64_t, uint64_t> unsent_frames_;  // by queue key: handed to the writer, not reported written
+    struct Unreported {
+        uint64_t frames = 0;  // handed to the writer, not yet reported written
+        uint64_t bytes = 0;   // their header and payload bytes
+    };
+    std::unordered_map<uint64_t, Unreported> unsent_frames_;  // by queue key
     FrameWriter writer_;  // last: stopped first, while the sockets it writes are still open
 };
 

@@ -146,12 +146,14 @@ void FrameWriter::push(PeerId peer, uint64_t generation, std::vector<SendItem> f
     }, false);
 }
 
-void FrameWriter::drop(uint64_t queue_key) {
-    if (stopped_) return;
-    execute([this, queue_key] {
-        for (auto& [peer, pool] : pools_) pool.backlog.drop_op(queue_key);
-        for (auto& [id, c] : conns_) c.queue.drop_op(queue_key);
+uint64_t FrameWriter::drop(uint64_t queue_key) {
+    if (stopped_) return 0;
+    uint64_t unwritten = 0;  // written by the writer context; execute(wait) orders it before the read
+    execute([this, queue_key, &unwritten] {
+        for (auto& [peer, pool] : pools_) unwritten += pool.backlog.drop_op(queue_key);
+        for (auto& [id, c] : conns_) unwritten += c.queue.drop_op(queue_key);
     }, true);
+    return unwritten;
 }
 
 void FrameWriter::remove_pool(PeerId peer) {

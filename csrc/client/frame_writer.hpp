@@ -76,8 +76,10 @@ public:
     // sent, dropped or the pool removed.
     void push(PeerId peer, uint64_t generation, std::vector<SendItem> frames);
     // Forgets every frame queued under `queue_key`. On return no write reads their memory again; a
-    // half-written frame is finished with zeros (its receiver expects the rest).
-    void drop(uint64_t queue_key);
+    // half-written frame is finished with zeros (its receiver expects the rest). Returns the bytes
+    // of those frames that were never written (so the caller can tell what went out, also of
+    // frames written but not yet reported; 0 once stopped or dead).
+    uint64_t drop(uint64_t queue_key);
     // Forgets the pool to `peer`; on return no write touches its sockets, which may be closed.
     void remove_pool(PeerId peer);
     // Ends the thread (threaded) or the watch on the reactor (inline); frames are dropped.

@@ -83,20 +83,23 @@ bool FairSendQueue::pop_next(SendItem& out) {
     return true;
 }
 
-void FairSendQueue::drop_op(uint64_t uid) {
+size_t FairSendQueue::drop_op(uint64_t uid) {
     auto it = fifo_.find(uid);
-    if (it == fifo_.end()) return;
+    if (it == fifo_.end()) return 0;
     auto& q = it->second;
     const bool keep_front = partial_uid_ == uid;
     const size_t keep = keep_front ? 1 : 0;
-    for (size_t i = keep; i < q.size(); ++i) bytes_ -= q[i].total() - q[i].sent;
+    size_t dropped = 0;
+    for (size_t i = keep; i < q.size(); ++i) dropped += q[i].total() - q[i].sent;
+    bytes_ -= dropped;
     q.resize(keep);
     if (keep_front) {
         q.front().data = nullptr;  // the receiver expects the rest of this frame
-        return;
+        return dropped + q.front().total() - q.front().sent;
     }
     fifo_.erase(it);
     rotation_.erase(std::find(rotation_.begin(), rotation_.end(), uid));
+    return dropped;
 }
 
 size_t bind_frames(FairSendQueue& backlog, FairSendQueue& conn, size_t ahead) {

@@ -39,8 +39,9 @@ public:
     // now complete, after it left the queue.
     template <typename OnSent>
     void advance(size_t written, const std::vector<SendItem*>& order, OnSent&& on_sent);
-    // Forgets an op's frames; a half-written one stays and is finished with zeros.
-    void drop_op(uint64_t uid);
+    // Forgets an op's frames; a half-written one stays and is finished with zeros. Returns the
+    // bytes of the op's frames that will never be written (the zero tail among them).
+    size_t drop_op(uint64_t uid);
     // Takes the next whole frame in service order (round-robin over ops) out of the queue, for a
     // queue that is never written from (a pool's backlog). False when empty.
     bool pop_next(SendItem& out);
