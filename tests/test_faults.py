@@ -193,3 +193,21 @@ def test_all_reduce_multiple_with_retry_finishes_every_piece_on_the_surviving_ri
         assert set(r["values"]) <= {6.0, 3.0}, r
         assert 3.0 in r["values"], "the piece in flight when the peer died must have been retried"
     assert results[0]["digests"] == results[1]["digests"], "survivors must agree bit for bit"
+
+
+@pytest.mark.parametrize("how", ["sigkill", "leave"])
+def test_a_pool_going_away_is_one_log_line(cluster, how):
+    """Logging is one line per event: the 4 connections of a pool closing when their peer dies or
+    leaves make one INFO line at the receiving peer, not 4 (the single closes go to DEBUG)."""
+    c = cluster()
+    survivor = c.peer("steps", index=0, world=2, pool=4, env={"PCCL_LOG_LEVEL": "INFO"},
+                      steps=[{"count": 1 << 20}], linger=3)
+    leaver = c.peer("steps", index=1, world=2, pool=4, steps=[{"count": 1 << 20}],
+                    linger=60 if how == "sigkill" else 0)
+    leaver.wait_event(lambda e: e.get("event") == "step")
+    if how == "sigkill":
+        leaver.kill()
+    survivor.finish()
+    log = "".join(survivor.stderr)
+    closes = [ln for ln in log.splitlines() if "data connection" in ln and " from peer " in ln]
+    assert len(closes) == 1 and "data connections from peer" in closes[0], log[-3000:]

@@ -387,7 +387,10 @@ void DataPlane::close_in(uint64_t id, const std::string& why) {
     }
     in_.erase(it);
     if (peer == 0) return;
-    PCCL_LOG(INFO, "peer ", me_, ": data connection from peer ", peer, " closed: ", why);
+    // One line per event: a pool of 16 going away is one event, not 16 (the rest go to DEBUG).
+    const bool last = std::none_of(in_.begin(), in_.end(), [peer](const auto& kv) { return kv.second->peer == peer; });
+    if (last) PCCL_LOG(INFO, "peer ", me_, ": data connections from peer ", peer, " closed: ", why);
+    else PCCL_LOG(DEBUG, "peer ", me_, ": a data connection from peer ", peer, " closed: ", why);
     std::vector<uint64_t> affected;
     for (const auto& [uid, op] : ops_)
         if (op.prev == peer) affected.push_back(uid);
