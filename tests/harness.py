@@ -35,8 +35,10 @@ class Proc:
         if env:
             full_env.update(env)
         # Run from the tests folder so `import pccl` finds the installed package, not the source tree.
+        # errors="replace": bytes that are not UTF-8 show as U+FFFD (a test can look for it) instead
+        # of killing the reader thread.
         self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=full_env, cwd=TESTS, start_new_session=True)
+                                      errors="replace", env=full_env, cwd=TESTS, start_new_session=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []

@@ -277,8 +277,9 @@ def test_sigkilled_peer_is_listed_as_dropped_and_leaves_the_ring():
 
 def test_raw_protocol_ops_bytes_failure_and_escaping():
     """Two hand-driven peers: an op waiting, then running, then ending with exact byte counts; a
-    second op failed with a hostile reason string, which the JSON and the HTML carry escaped."""
-    with Cluster(status_port=0) as c:
+    second op failed with a hostile reason string, which the JSON and the HTML carry escaped, and
+    the master's log line too (no control byte, no forged line, valid UTF-8)."""
+    with Cluster(status_port=0, env={"PCCL_LOG_LEVEL": "INFO"}) as c:
         a = RawPeer(c.port)
         a.await_frame("TOPOLOGY")      # alone: admitted at once (epoch 1)
         a.send(p2p_ready(1))
@@ -309,7 +310,8 @@ def test_raw_protocol_ops_bytes_failure_and_escaping():
         s = wait_status(c, lambda s: s["counters"]["ops_completed"] == 1, "op completed")
         assert s["counters"]["collective_tx_bytes"] == 1030 and s["counters"]["collective_rx_bytes"] == 2040
 
-        hostile = b'bad "quote" \\ <script>alert(1)</script> \x01\x1f \xff\xfe caf\xc3\xa9 \xe2\x80\xa8 end'
+        hostile = (b'bad "quote" \\ <script>alert(1)</script> \x01\x1f \xff\xfe caf\xc3\xa9 \xe2\x80\xa8 \xc2\x85 end'
+                   b'\n[pccl 1 ERR pid=1] forged')
         for p in (a, b):
             p.send(op_begin(6))
         s = wait_status(c, lambda s: s["ops_in_flight"][0]["state"] == "running", "second op running")
@@ -327,6 +329,14 @@ def test_raw_protocol_ops_bytes_failure_and_escaping():
         assert s["counters"]["ops_failed"] == 1 and s["counters"]["collective_tx_bytes"] == 1035
         page = get(f"{c.status_url}/")[2].decode()
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>" not in page
+        deadline = time.monotonic() + 10
+        while not (lines := [ln for ln in "".join(c.master.stderr).splitlines() if "bad \"quote\"" in ln]):
+            assert time.monotonic() < deadline, "the master logged no line for the failed op"
+            time.sleep(0.02)
+        line = lines[0]
+        assert "\ufffd" not in line and not any(ord(ch) < 0x20 for ch in line), line
+        assert r"\x01\x1f \xff\xfe café \xe2\x80\xa8 \xc2\x85 end\x0a[pccl 1 ERR pid=1] forged" in line, line
+        assert not any(ln.startswith("[pccl 1 ERR") for ln in "".join(c.master.stderr).splitlines())
         a.close()
         b.close()
 

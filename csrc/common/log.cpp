@@ -53,7 +53,7 @@ void write(Level level, const std::string& line) {
     const int n = std::snprintf(prefix, sizeof(prefix), "[pccl %lld.%03lld %s pid=%d] ", static_cast<long long>(ms / 1000),
                                 static_cast<long long>(ms % 1000), level_name(level), static_cast<int>(getpid()));
     std::string out(prefix, n > 0 ? std::min<size_t>(static_cast<size_t>(n), sizeof(prefix) - 1) : 0);
-    out += line;
+    text::append_printable(out, line);  // a peer's text in the line cannot split or forge it
     out += '\n';
     // One write(2) per line, not stdio: lines of concurrent threads and processes sharing the
     // stream never interleave, and nothing depends on the C stdio state of the host process.

@@ -9,6 +9,8 @@
 #pragma once
 
 #include <charconv>
+#include <cstddef>
+#include <cstdint>
 #include <concepts>
 #include <string>
 #include <string_view>
@@ -40,6 +42,35 @@ void append(std::string& out, T value) {
     const auto r = std::to_chars(buf, buf + sizeof(buf), value, std::chars_format::general, 6);
     if (r.ec == std::errc()) out.append(buf, r.ptr);
 }
+
+// Length of the valid UTF-8 sequence at s[i], or 0 if the bytes there are not one.
+inline size_t utf8_sequence(std::string_view s, size_t i) {
+    const auto at = [&](size_t k) { return static_cast<uint8_t>(s[k]); };
+    const auto cont = [&](size_t k) { return k < s.size() && (at(k) & 0xC0) == 0x80; };
+    const uint8_t c = at(i);
+    if (c < 0x80) return 1;
+    if (c >= 0xC2 && c <= 0xDF) return cont(i + 1) ? 2 : 0;
+    if (c >= 0xE0 && c <= 0xEF) {
+        if (!cont(i + 1) || !cont(i + 2)) return 0;
+        const uint8_t c1 = at(i + 1);
+        if (c == 0xE0 && c1 < 0xA0) return 0;  // overlong
+        if (c == 0xED && c1 > 0x9F) return 0;  // surrogates
+        return 3;
+    }
+    if (c >= 0xF0 && c <= 0xF4) {
+        if (!cont(i + 1) || !cont(i + 2) || !cont(i + 3)) return 0;
+        const uint8_t c1 = at(i + 1);
+        if (c == 0xF0 && c1 < 0x90) return 0;  // overlong
+        if (c == 0xF4 && c1 > 0x8F) return 0;  // beyond U+10FFFF
+        return 4;
+    }
+    return 0;
+}
+
+// Appends `s` as one printable line: control bytes (newlines included), C1 controls, U+2028/U+2029
+// and bytes that are not valid UTF-8 become \xNN, so text a peer sent cannot forge or split a log
+// line nor break a reader that expects UTF-8.
+void append_printable(std::string& out, std::string_view s);
 
 template <typename... Args>
 std::string concat(const Args&... args) {

@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "common/limits.hpp"
+#include "common/text.hpp"
 
 namespace pccl::master {
 
@@ -22,30 +23,6 @@ const char* to_string(DropCause cause) {
 }
 
 namespace {
-
-// Length of the valid UTF-8 sequence at s[i], or 0 if the bytes there are not one.
-size_t utf8_sequence(std::string_view s, size_t i) {
-    const auto at = [&](size_t k) { return static_cast<uint8_t>(s[k]); };
-    const auto cont = [&](size_t k) { return k < s.size() && (at(k) & 0xC0) == 0x80; };
-    const uint8_t c = at(i);
-    if (c < 0x80) return 1;
-    if (c >= 0xC2 && c <= 0xDF) return cont(i + 1) ? 2 : 0;
-    if (c >= 0xE0 && c <= 0xEF) {
-        if (!cont(i + 1) || !cont(i + 2)) return 0;
-        const uint8_t c1 = at(i + 1);
-        if (c == 0xE0 && c1 < 0xA0) return 0;  // overlong
-        if (c == 0xED && c1 > 0x9F) return 0;  // surrogates
-        return 3;
-    }
-    if (c >= 0xF0 && c <= 0xF4) {
-        if (!cont(i + 1) || !cont(i + 2) || !cont(i + 3)) return 0;
-        const uint8_t c1 = at(i + 1);
-        if (c == 0xF0 && c1 < 0x90) return 0;  // overlong
-        if (c == 0xF4 && c1 > 0x8F) return 0;  // beyond U+10FFFF
-        return 4;
-    }
-    return 0;
-}
 
 void append_u_escape(std::string& out, unsigned code) {
     char buf[8];
@@ -104,7 +81,7 @@ private:
 void append_json_string(std::string& out, std::string_view s) {
     out += '"';
     for (size_t i = 0; i < s.size();) {
-        const size_t n = utf8_sequence(s, i);
+        const size_t n = text::utf8_sequence(s, i);
         if (n == 0) {
             out += "\\ufffd";
             ++i;

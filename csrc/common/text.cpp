@@ -1,0 +1,32 @@
+#include "common/text.hpp"
+
+namespace pccl::text {
+
+void append_printable(std::string& out, std::string_view s) {
+    static constexpr char kHex[] = "0123456789abcdef";
+    const auto escape = [&](uint8_t byte) {
+        const char e[4] = {'\\', 'x', kHex[byte >> 4], kHex[byte & 0xF]};
+        out.append(e, sizeof(e));
+    };
+    for (size_t i = 0; i < s.size();) {
+        const size_t n = utf8_sequence(s, i);
+        const auto b0 = static_cast<uint8_t>(s[i]);
+        const auto b1 = n > 1 ? static_cast<uint8_t>(s[i + 1]) : 0;
+        const auto b2 = n > 2 ? static_cast<uint8_t>(s[i + 2]) : 0;
+        const bool control = (n == 1 && (b0 < 0x20 || b0 == 0x7F)) ||
+                             (n == 2 && b0 == 0xC2 && b1 < 0xA0) ||                 // U+0080..U+009F
+                             (n == 3 && b0 == 0xE2 && b1 == 0x80 && (b2 == 0xA8 || b2 == 0xA9));  // U+2028/9
+        if (n == 0) {
+            escape(b0);
+            ++i;
+        } else if (control) {
+            for (size_t k = 0; k < n; ++k) escape(static_cast<uint8_t>(s[i + k]));
+            i += n;
+        } else {
+            out.append(s.data() + i, n);
+            i += n;
+        }
+    }
+}
+
+}  // namespace pccl::text
