@@ -91,8 +91,8 @@ public:
         for (auto& b : buffers_[key]) std::memset(b.data(), value, b.size());
     }
 
-    uint64_t drop(uint64_t key) {
-        uint64_t unwritten = 0;
+    std::optional<uint64_t> drop(uint64_t key) {
+        std::optional<uint64_t> unwritten;
         on_loop([&] { unwritten = writer_->drop(key); });
         return unwritten;
     }

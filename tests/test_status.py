@@ -335,7 +335,8 @@ def test_raw_protocol_ops_bytes_failure_and_escaping():
             time.sleep(0.02)
         line = lines[0]
         assert "\ufffd" not in line and not any(ord(ch) < 0x20 for ch in line), line
-        assert r"\x01\x1f \xff\xfe café \xe2\x80\xa8 \xc2\x85 end\x0a[pccl 1 ERR pid=1] forged" in line, line
+        assert (r'bad "quote" \x5c <script>alert(1)</script> \x01\x1f \xff\xfe café \xe2\x80\xa8 \xc2\x85 end'
+                r"\x0a[pccl 1 ERR pid=1] forged") in line, line
         assert not any(ln.startswith("[pccl 1 ERR") for ln in "".join(c.master.stderr).splitlines())
         a.close()
         b.close()

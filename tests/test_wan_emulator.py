@@ -187,12 +187,16 @@ def test_per_flow_cap_is_overcome_by_more_flows(wan):
 def test_loss_drops_packets(wan):
     emulator = wan(2, "loss=20%", seed=7)
     count = 400
-    sink = serve(emulator, 1, "udp-sink", str(PORT), "--idle", "1")
+    sink = serve(emulator, 1, "udp-sink", str(PORT), "--idle", "2")
     client(emulator, 0, "udp-source", emulator.host_ip(1), str(PORT), "--count", str(count), "--interval", "0.0005")
     received = result(sink)["received"]
-    assert 0.65 * count < received < 0.92 * count, received
-    lost = next(link["lost"] for link in emulator.stats()["links"] if (link["src"], link["dst"]) == (0, 1))
-    assert lost == count - received
+    link = next(link for link in emulator.stats()["links"] if (link["src"], link["dst"]) == (0, 1))
+    # Every datagram was decided once, and about 20% were lost.
+    assert link["lost"] + link["forwarded"] == count and link["queue_drops"] == 0, link
+    assert 0.08 * count < link["lost"] < 0.35 * count, link
+    # What arrived is what the link forwarded. (On a loaded machine a stall of over --idle ended
+    # the sink before the last few once: 289 of 318 forwarded. The host dropped those, not the link.)
+    assert 0.8 * link["forwarded"] <= received <= link["forwarded"], (received, link)
 
 
 def udp_received(emulator: WanEmulator, src: int, dst: int, count: int) -> int:

@@ -313,7 +313,8 @@ uint64_t DataPlane::drop_unsent(uint64_t queue_key) {
     if (u == unsent_frames_.end()) return 0;
     const uint64_t unreported = u->second.bytes;
     unsent_frames_.erase(u);
-    const uint64_t unwritten = writer_.drop(queue_key);
+    // No answer (the writer thread died): count nothing rather than frames that may never have left.
+    const uint64_t unwritten = writer_.drop(queue_key).value_or(unreported);
     return unreported > unwritten ? unreported - unwritten : 0;
 }
 
@@ -387,10 +388,16 @@ void DataPlane::close_in(uint64_t id, const std::string& why) {
     }
     in_.erase(it);
     if (peer == 0) return;
-    // One line per event: a pool of 16 going away is one event, not 16 (the rest go to DEBUG).
-    const bool last = std::none_of(in_.begin(), in_.end(), [peer](const auto& kv) { return kv.second->peer == peer; });
-    if (last) PCCL_LOG(INFO, "peer ", me_, ": data connections from peer ", peer, " closed: ", why);
-    else PCCL_LOG(DEBUG, "peer ", me_, ": a data connection from peer ", peer, " closed: ", why);
+    // One line per event: a pool of 16 going away is one event, not 16. The first close says why
+    // (it often has the cause: a malformed piece, a reset); the rest of the pool's go to DEBUG.
+    const auto still_open = std::count_if(in_.begin(), in_.end(), [peer](const auto& kv) { return kv.second->peer == peer; });
+    if (closing_from_.contains(peer))
+        PCCL_LOG(DEBUG, "peer ", me_, ": data connection from peer ", peer, " closed: ", why);
+    else
+        PCCL_LOG(INFO, "peer ", me_, ": data connection from peer ", peer, " closed: ", why,
+                 still_open > 0 ? text::concat(" (", still_open, " more open)") : std::string());
+    if (still_open > 0) closing_from_.insert(peer);
+    else closing_from_.erase(peer);
     std::vector<uint64_t> affected;
     for (const auto& [uid, op] : ops_)
         if (op.prev == peer) affected.push_back(uid);
@@ -630,6 +637,7 @@ void DataPlane::on_in_io(uint64_t id, uint32_t events) {
                     if (c.h.kind != static_cast<uint8_t>(wire::DataFrameKind::P2P_HELLO) || c.h.b != me_ || c.h.a == 0)
                         return close_in(id, "bad handshake");
                     c.peer = c.h.a;
+                    closing_from_.erase(c.peer);  // a new pool from it: its closes are news again
                     uint8_t ack[wire::kDataHeaderBytes];
                     encode_handshake(wire::DataFrameKind::P2P_HELLO_ACK, c.h.a, me_, c.h.aux, ack);
                     if (!send_all_now(c.fd.get(), ack, sizeof(ack))) return close_in(id, "cannot acknowledge handshake");
@@ -1013,6 +1021,7 @@ void DataPlane::close_all() {
     early_retained_.clear();
     syncs_.clear();
     unsent_frames_.clear();
+    closing_from_.clear();
     if (listener_.valid()) {
         loop_.unwatch(listener_watch_);
         listener_.reset();

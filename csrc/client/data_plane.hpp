@@ -260,6 +260,9 @@ private:
     std::unordered_map<uint64_t, ActiveOp> ops_;
     std::set<uint64_t> parked_;
     std::vector<uint64_t> awaiting_identity_;  // incoming handshakes that came before WELCOME
+    // Peers whose incoming connections started closing (logged once) while others stayed open:
+    // the rest of that pool's closes go to DEBUG. Left by the last close or a new handshake.
+    std::set<PeerId> closing_from_;
     uint64_t max_go_uid_ = 0;
     std::set<uint64_t> tickets_;
     std::map<uint64_t, EarlyFrame> early_frames_;            // by arrival

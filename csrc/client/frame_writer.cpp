@@ -92,6 +92,7 @@ void FrameWriter::stop() {
     conns_.clear();
     pools_.clear();
     sent_.clear();
+    discarded_.clear();
 }
 
 // ------------------------------------------------------------------ reactor side
@@ -146,12 +147,20 @@ void FrameWriter::push(PeerId peer, uint64_t generation, std::vector<SendItem> f
     }, false);
 }
 
-uint64_t FrameWriter::drop(uint64_t queue_key) {
-    if (stopped_) return 0;
-    uint64_t unwritten = 0;  // written by the writer context; execute(wait) orders it before the read
+std::optional<uint64_t> FrameWriter::drop(uint64_t queue_key) {
+    if (stopped_) return std::nullopt;
+    // Set by the writer context; execute(wait) orders that before the read here. If the thread
+    // stops or dies first, the command never runs (it is only destroyed) and nothing is known.
+    std::optional<uint64_t> unwritten;
     execute([this, queue_key, &unwritten] {
-        for (auto& [peer, pool] : pools_) unwritten += pool.backlog.drop_op(queue_key);
-        for (auto& [id, c] : conns_) unwritten += c.queue.drop_op(queue_key);
+        uint64_t bytes = 0;
+        for (auto& [peer, pool] : pools_) bytes += pool.backlog.drop_op(queue_key);
+        for (auto& [id, c] : conns_) bytes += c.queue.drop_op(queue_key);
+        if (auto d = discarded_.find(queue_key); d != discarded_.end()) {
+            bytes += d->second;
+            discarded_.erase(d);
+        }
+        unwritten = bytes;
     }, true);
     return unwritten;
 }
@@ -262,9 +271,13 @@ FrameWriter::Pool& FrameWriter::pool_for(PeerId peer, uint64_t generation) {
 void FrameWriter::erase_pool(PeerId peer) {
     auto it = pools_.find(peer);
     if (it == pools_.end()) return;
+    // Their frames never go out: drop() tells their owners, who count what did.
+    const auto discard = [this](uint64_t key, size_t bytes) { discarded_[key] += bytes; };
+    it->second.backlog.for_each_unwritten(discard);
     for (uint64_t id : it->second.conns) {
         auto c = conns_.find(id);
         if (c == conns_.end()) continue;
+        c->second.queue.for_each_unwritten(discard);
         epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c->second.fd, nullptr);
         conns_.erase(c);
     }

@@ -29,6 +29,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -77,9 +78,10 @@ public:
     void push(PeerId peer, uint64_t generation, std::vector<SendItem> frames);
     // Forgets every frame queued under `queue_key`. On return no write reads their memory again; a
     // half-written frame is finished with zeros (its receiver expects the rest). Returns the bytes
-    // of those frames that were never written (so the caller can tell what went out, also of
-    // frames written but not yet reported; 0 once stopped or dead).
-    uint64_t drop(uint64_t queue_key);
+    // of the key's frames that never went out and never will (dropped now, or thrown away with a
+    // pool that went down), so the caller can tell what did go out, reports still on their way
+    // included; nothing once stopped or dead (the writer cannot say).
+    std::optional<uint64_t> drop(uint64_t queue_key);
     // Forgets the pool to `peer`; on return no write touches its sockets, which may be closed.
     void remove_pool(PeerId peer);
     // Ends the thread (threaded) or the watch on the reactor (inline); frames are dropped.
@@ -136,6 +138,9 @@ private:
     std::unordered_map<uint64_t, Conn> conns_;
     std::vector<SentFrame> sent_;
     std::vector<SendItem*> order_;
+    // Bytes of each queue key thrown away unwritten with a pool that went down; drop() hands them
+    // over (the key's owner always drops it once its op or sync ends, which bounds this map).
+    std::unordered_map<uint64_t, uint64_t> discarded_;
 
     // Threaded mode: the mailbox.
     net::Fd wake_;

@@ -42,6 +42,16 @@ public:
     // Forgets an op's frames; a half-written one stays and is finished with zeros. Returns the
     // bytes of the op's frames that will never be written (the zero tail among them).
     size_t drop_op(uint64_t uid);
+    // Calls f(uid, bytes) with the bytes each op still has to write here (the queue is about to be
+    // thrown away: its pool went down).
+    template <typename F>
+    void for_each_unwritten(F&& f) const {
+        for (const auto& [uid, q] : fifo_) {
+            size_t left = 0;
+            for (const auto& item : q) left += item.total() - item.sent;
+            if (left > 0) f(uid, left);
+        }
+    }
     // Takes the next whole frame in service order (round-robin over ops) out of the queue, for a
     // queue that is never written from (a pool's backlog). False when empty.
     bool pop_next(SendItem& out);

@@ -1,6 +1,7 @@
-// Building messages without iostreams: concat(a, b, ...) appends strings, characters, booleans
-// ("true"/"false"), integers (int8_t/uint8_t too, as numbers) and floating-point numbers (as
-// printf's %g would) into one std::string.
+// Text of messages and log lines. Building them without iostreams: concat(a, b, ...) appends
+// strings, characters, booleans ("true"/"false"), integers (int8_t/uint8_t too, as numbers) and
+// floating-point numbers (as printf's %g would) into one std::string. And making text that came
+// from a peer safe to print: utf8_sequence() and append_printable().
 //
 // Why not std::ostringstream: it drags in the process-wide locale machinery, and a Python process
 // may load another libstdc++'s view of it (torch, CUDA libraries). On a GCC 13 build the master
@@ -67,8 +68,8 @@ inline size_t utf8_sequence(std::string_view s, size_t i) {
     return 0;
 }
 
-// Appends `s` as one printable line: control bytes (newlines included), C1 controls, U+2028/U+2029
-// and bytes that are not valid UTF-8 become \xNN, so text a peer sent cannot forge or split a log
+// Appends `s` as one printable line: control bytes (newlines included), the backslash, C1 controls,
+// U+2028/U+2029 and bytes that are not valid UTF-8 become \xNN, so text a peer sent cannot forge or split a log
 // line nor break a reader that expects UTF-8.
 void append_printable(std::string& out, std::string_view s);
 
