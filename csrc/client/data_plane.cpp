@@ -301,18 +301,17 @@ void DataPlane::enqueue(PeerId next, uint64_t uid, wire::RingPhase phase, uint64
 
 void DataPlane::write_frames(PeerId peer, uint64_t generation, uint64_t queue_key, std::vector<SendItem> frames) {
     if (frames.empty()) return;
-    Unreported& u = unsent_frames_[queue_key];
-    u.frames += frames.size();
-    for (const auto& f : frames) u.bytes += f.total();
+    uint64_t& unreported = unreported_bytes_[queue_key];
+    for (const auto& f : frames) unreported += f.total();
     writer_.push(peer, generation, std::move(frames));
 }
 
 uint64_t DataPlane::drop_unsent(uint64_t queue_key) {
     // A finished op's frames were all written: no round trip to a writer thread for it.
-    auto u = unsent_frames_.find(queue_key);
-    if (u == unsent_frames_.end()) return 0;
-    const uint64_t unreported = u->second.bytes;
-    unsent_frames_.erase(u);
+    auto u = unreported_bytes_.find(queue_key);
+    if (u == unreported_bytes_.end()) return 0;
+    const uint64_t unreported = u->second;
+    unreported_bytes_.erase(u);
     // No answer (the writer thread died): count nothing rather than frames that may never have left.
     const uint64_t unwritten = writer_.drop(queue_key).value_or(unreported);
     return unreported > unwritten ? unreported - unwritten : 0;
@@ -321,12 +320,10 @@ uint64_t DataPlane::drop_unsent(uint64_t queue_key) {
 void DataPlane::on_frames_sent(const std::vector<FrameWriter::SentFrame>& sent) {
     const auto now = Clock::now();
     for (const auto& f : sent) {
-        // The rest of a dropped frame: its key left unsent_frames_ at the drop, so it counts nothing.
+        // The rest of a dropped frame: its key left unreported_bytes_ at the drop, so it counts nothing.
         if (f.zeros) continue;
-        if (auto u = unsent_frames_.find(f.queue_key); u != unsent_frames_.end()) {
-            u->second.bytes -= f.bytes;
-            if (--u->second.frames == 0) unsent_frames_.erase(u);
-        }
+        if (auto u = unreported_bytes_.find(f.queue_key); u != unreported_bytes_.end() && (u->second -= f.bytes) == 0)
+            unreported_bytes_.erase(u);
         if (f.queue_key >> 63) {  // shared-state data
             auto sync = syncs_.find(f.queue_key & ~(1ull << 63));
             if (sync == syncs_.end()) continue;
@@ -1020,7 +1017,7 @@ void DataPlane::close_all() {
     early_out_bytes_.clear();
     early_retained_.clear();
     syncs_.clear();
-    unsent_frames_.clear();
+    unreported_bytes_.clear();
     closing_from_.clear();
     if (listener_.valid()) {
         loop_.unwatch(listener_watch_);

@@ -278,11 +278,9 @@ private:
     uint64_t next_conn_id_ = 1;
     uint64_t next_pool_generation_ = 1;
     std::vector<uint8_t> discard_;
-    struct Unreported {
-        uint64_t frames = 0;  // handed to the writer, not yet reported written
-        uint64_t bytes = 0;   // their header and payload bytes
-    };
-    std::unordered_map<uint64_t, Unreported> unsent_frames_;  // by queue key
+    // By queue key: header and payload bytes of the frames handed to the writer and not yet reported
+    // written (every frame has a header, so 0 means none left: the key is erased).
+    std::unordered_map<uint64_t, uint64_t> unreported_bytes_;
     FrameWriter writer_;  // last: stopped first, while the sockets it writes are still open
 };
 

@@ -89,8 +89,7 @@ size_t FairSendQueue::drop_op(uint64_t uid) {
     auto& q = it->second;
     const bool keep_front = partial_uid_ == uid;
     const size_t keep = keep_front ? 1 : 0;
-    size_t dropped = 0;
-    for (size_t i = keep; i < q.size(); ++i) dropped += q[i].total() - q[i].sent;
+    const size_t dropped = unwritten(q, keep);
     bytes_ -= dropped;
     q.resize(keep);
     if (keep_front) {

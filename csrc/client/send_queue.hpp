@@ -46,17 +46,20 @@ public:
     // thrown away: its pool went down).
     template <typename F>
     void for_each_unwritten(F&& f) const {
-        for (const auto& [uid, q] : fifo_) {
-            size_t left = 0;
-            for (const auto& item : q) left += item.total() - item.sent;
-            if (left > 0) f(uid, left);
-        }
+        for (const auto& [uid, q] : fifo_)
+            if (const size_t left = unwritten(q, 0); left > 0) f(uid, left);
     }
     // Takes the next whole frame in service order (round-robin over ops) out of the queue, for a
     // queue that is never written from (a pool's backlog). False when empty.
     bool pop_next(SendItem& out);
 
 private:
+    // Bytes of q[from...] not yet written.
+    static size_t unwritten(const std::deque<SendItem>& q, size_t from) {
+        size_t left = 0;
+        for (size_t i = from; i < q.size(); ++i) left += q[i].total() - q[i].sent;
+        return left;
+    }
     void retire_front(uint64_t uid);
     void rotate_after(uint64_t uid);
 

@@ -12,11 +12,10 @@ void append_printable(std::string& out, std::string_view s) {
         const size_t n = utf8_sequence(s, i);
         const auto b0 = static_cast<uint8_t>(s[i]);
         const auto b1 = n > 1 ? static_cast<uint8_t>(s[i + 1]) : 0;
-        const auto b2 = n > 2 ? static_cast<uint8_t>(s[i + 2]) : 0;
         // The backslash too: a literal "\x0a" from a peer must not read like an escaped newline.
         const bool escaped = (n == 1 && (b0 < 0x20 || b0 == 0x7F || b0 == '\\')) ||
-                             (n == 2 && b0 == 0xC2 && b1 < 0xA0) ||                 // U+0080..U+009F
-                             (n == 3 && b0 == 0xE2 && b1 == 0x80 && (b2 == 0xA8 || b2 == 0xA9));  // U+2028/9
+                             (n == 2 && b0 == 0xC2 && b1 < 0xA0) ||  // U+0080..U+009F
+                             is_unicode_line_break(s, i, n);
         if (n == 0) {
             escape(b0);
             ++i;

@@ -68,9 +68,16 @@ inline size_t utf8_sequence(std::string_view s, size_t i) {
     return 0;
 }
 
-// Appends `s` as one printable line: control bytes (newlines included), the backslash, C1 controls,
-// U+2028/U+2029 and bytes that are not valid UTF-8 become \xNN, so text a peer sent cannot forge or split a log
-// line nor break a reader that expects UTF-8.
+// Whether the n-byte sequence at s[i] (n from utf8_sequence) is U+2028 or U+2029, which some
+// readers take for a line break.
+inline bool is_unicode_line_break(std::string_view s, size_t i, size_t n) {
+    return n == 3 && static_cast<uint8_t>(s[i]) == 0xE2 && static_cast<uint8_t>(s[i + 1]) == 0x80 &&
+           (static_cast<uint8_t>(s[i + 2]) == 0xA8 || static_cast<uint8_t>(s[i + 2]) == 0xA9);
+}
+
+// Appends `s` as one printable line: control bytes (newlines included), the backslash, C1
+// controls, U+2028/U+2029 and bytes that are not valid UTF-8 become \xNN, so text a peer sent
+// can neither forge nor split a log line, nor break a reader that expects UTF-8.
 void append_printable(std::string& out, std::string_view s);
 
 template <typename... Args>

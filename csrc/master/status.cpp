@@ -100,8 +100,7 @@ void append_json_string(std::string& out, std::string_view s) {
                     if (static_cast<uint8_t>(c) < 0x20 || c == 0x7F) append_u_escape(out, static_cast<uint8_t>(c));
                     else out += c;
             }
-        } else if (n == 3 && static_cast<uint8_t>(s[i]) == 0xE2 && static_cast<uint8_t>(s[i + 1]) == 0x80 &&
-                   (static_cast<uint8_t>(s[i + 2]) == 0xA8 || static_cast<uint8_t>(s[i + 2]) == 0xA9)) {
+        } else if (text::is_unicode_line_break(s, i, n)) {
             append_u_escape(out, static_cast<uint8_t>(s[i + 2]) == 0xA8 ? 0x2028 : 0x2029);
         } else {
             out.append(s.data() + i, n);
