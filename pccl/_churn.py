@@ -124,7 +124,7 @@ class ChurnConfig:
     """One churn run: the population, the training each peer does, the chaos and the checks' bounds."""
 
     peers: int = 4
-    duration_s: float = 60.0
+    duration_s: float = 60.0           # of chaos: counted from the first outer step (see ChurnRun.run)
     asynchronous: bool = False
     quantize: bool = False
     seed: int = 0
@@ -425,6 +425,7 @@ class ChurnRun:
         self._replacements: list[float] = []       # when to start each replacement peer
         self._hold_until = 0.0                     # no newcomers before this (solo episodes)
         self._chaos_at: float | None = None        # the next disruption; None until the first outer step
+        self._chaos_began: float | None = None     # the first outer step: the run's clock starts there
         self._t0 = time.monotonic()
         self._last_tick = self._t0
 
@@ -445,13 +446,18 @@ class ChurnRun:
             self._event_log.close()
 
     def run(self) -> ChurnResult:
-        """Run for the configured duration, then stop the peers and check the master; the result."""
+        """Run for the configured duration, then stop the peers and check the master; the result.
+
+        The duration counts from the first outer step, when the chaos begins: starting the master
+        and the peers (torch imports) takes seconds on an idle machine and far longer on a loaded
+        one, and a clock started before it left a short run on a busy machine with no disruption
+        at all. A run whose ring never works ends the duration after its start.
+        """
         self._t0 = self._last_tick = time.monotonic()
         self._start_master()
         for _ in range(self.config.peers):
             self._start_peer()
-        end = self._t0 + self.config.duration_s
-        while time.monotonic() < end and not self.result.master_crashes:
+        while time.monotonic() < self._ends_at() and not self.result.master_crashes:
             self._handle_events(LOOP_TICK_S)
             now = time.monotonic()
             self._check_master(now)
@@ -469,6 +475,9 @@ class ChurnRun:
         return self.result
 
     # -- processes -------------------------------------------------------------------------------
+
+    def _ends_at(self) -> float:
+        return (self._t0 if self._chaos_began is None else self._chaos_began) + self.config.duration_s
 
     def _live(self) -> list[_Peer]:
         """Peers whose exit was not handled yet."""
@@ -588,7 +597,8 @@ class ChurnRun:
             self.result.rejoins += 1
             peer.resumed_at = None
         if self._chaos_at is None:  # the ring works: let the chaos begin
-            self._chaos_at = time.monotonic() + self._chaos.interval()
+            self._chaos_began = time.monotonic()
+            self._chaos_at = self._chaos_began + self._chaos.interval()
 
     def _check_step(self, peer: _Peer, step: int, digest: str) -> _StepRecord:
         """Parity and monotony of one report; the step's record."""

@@ -496,11 +496,17 @@ void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect, bool
     // LOCAL_DONE: this peer's part is done, but its last bytes never reached the next peer; the
     // master counted this peer's bytes with its first OP_END and now fails the op for everyone.
     if (h->phase != ReduceHandle::Phase::RUNNING && h->phase != ReduceHandle::Phase::LOCAL_DONE) return;
+    const bool part_unfinished = h->phase == ReduceHandle::Phase::RUNNING;
     h->stats = data_plane_.remove_op(uid);
     h->phase = ReduceHandle::Phase::LOCAL_FAILED;
     PCCL_LOG(INFO, "peer ", my_id_.load(), ": all-reduce tag=", h->request.tag, " failed locally: ", why.message);
     send_master(wire::OpEnd{h->request.tag, uid, 0, suspect, why.message, h->stats.tx_bytes, h->stats.rx_bytes,
                             static_cast<uint8_t>(silent && suspect != 0)});
+    // This peer's part never finished, so the op cannot succeed here: whether the master fails it or
+    // undoes an early start, the input must be as it was. Restoring it now (up to a copy of the
+    // tensor) overlaps the master's round trip instead of following it. A peer whose part was done
+    // (LOCAL_DONE) keeps its result: the master may have counted it a success everywhere already.
+    if (part_unfinished && !h->cancelled) restore_input(*h);
 }
 
 void Session::on_result(const wire::OpResult& r) {

@@ -1,0 +1,283 @@
+"""How fast a ring notices a lost peer: pccl vs torch.distributed gloo, on loopback.
+
+Per trial, N fresh peer processes all-reduce a float32 tensor in place, in a loop, until one of them
+(the last rank, the victim) is taken out in the middle of an operation, half a typical op after it
+launched it:
+
+- kill: SIGKILL. The kernel closes its sockets, so the survivors can know at once.
+- stop: SIGSTOP. Its sockets stay open and silent, as with a hung process or a cut cable; only a
+  deadline finds it (pccl: the master's peer timeout; gloo: its process group timeout), both set to
+  --timeout.
+
+Figures: from the signal to each survivor's all_reduce raising (median, min, max over survivors and
+trials), and for pccl the time until a survivor's call (the retry) returned the right sum on the
+smaller ring (a gloo group cannot go on after a failure: every process has to rebuild it). A call
+that failed in a later op than the one in flight is counted and said, and so is one that did not
+fail at all: a victim that finished its op before the signal is out before the next op is
+confirmed, and that op runs on the smaller ring.
+
+    PYTHONPATH=. python benchmarks/failure.py [--world 3] [--size 64MiB] [--trials 5] [--modes kill stop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import signal
+import statistics
+import time
+import traceback
+
+from _membership import wait_for_world
+from allreduce import free_port, human, parse_size, quiet_threads
+
+# Ops timed before the victim's last one: the first sets the ring up; the median of the others is
+# the "typical op" half of which the victim is given before it is signalled.
+WARMUP_OPS = 5
+SIGNAL_AT_FRACTION = 0.5
+# Bounds on every wait: a trial whose processes do not answer is reported and dropped.
+READY_TIMEOUT_S = 120.0
+REPORT_MARGIN_S = 60.0      # beyond --timeout, for the survivors' failure and retry
+RETRY_ATTEMPTS = 50         # failed calls a survivor makes before it gives up
+
+
+def _survive(conn, rank, world, op, can_retry):
+    """Call `op` until it has run on a ring smaller than `world` (the victim is out), retrying failed
+    calls without refilling the input: a failed op must have left it as it was. Report when the first
+    call raised (if one did: a peer that dies between two ops may be taken out before the next one is
+    confirmed, which then simply runs on the smaller ring) and when the smaller ring's result came."""
+    index, t_fail, failed_at, error, refill = WARMUP_OPS, None, None, "", True
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for _ in range(RETRY_ATTEMPTS):
+        while time.monotonic() < deadline:
+            try:
+                ring, first, last = op(refill)
+            except Exception as exc:  # noqa: BLE001 - each library raises its own type
+                if t_fail is None:
+                    t_fail, failed_at, error = time.monotonic(), index, f"{type(exc).__name__}: {exc}"[:200]
+                refill = False
+                break
+            index, refill = index + 1, True
+            if ring < world:
+                conn.send(("done", rank, t_fail, failed_at, error, time.monotonic(), ring, first, last))
+                return
+        if not can_retry or time.monotonic() >= deadline:
+            break
+    conn.send(("done", rank, t_fail, failed_at, error, None, 0, 0.0, 0.0))
+
+
+def pccl_worker(rank, world, port, nbytes, conn, in_place):
+    quiet_threads()
+    try:
+        import numpy as np
+        import pccl
+        comm = pccl.Communicator(f"127.0.0.1:{port}", peer_group=0)
+        comm.connect(n_attempts=20)
+        wait_for_world(comm, world)
+        base = np.full(nbytes // 4, rank + 1, dtype=np.float32)
+        buf = base.copy()
+        recv = buf if in_place else np.full_like(buf, -1)  # touched, as a caller's would be
+
+        def op(refill=True):
+            if refill:
+                np.copyto(buf, base)
+            info = comm.all_reduce(buf, recv, op=pccl.ReduceOp.SUM)
+            return info.local_world_size, float(recv[0]), float(recv[-1])
+
+        times = []
+        for _ in range(WARMUP_OPS):
+            t = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - t)
+        if rank == world - 1:
+            np.copyto(buf, base)
+            handle = comm.all_reduce_async(buf, recv, op=pccl.ReduceOp.SUM)
+            conn.send(("launched", rank, time.monotonic(), statistics.median(times[1:])))
+            handle.wait()  # the parent signals this process meanwhile
+            time.sleep(READY_TIMEOUT_S)
+            return
+        _survive(conn, rank, world, op, can_retry=True)
+        comm.close()
+    except BaseException:  # noqa: BLE001 - everything goes to the parent
+        conn.send(("error", rank, traceback.format_exc()))
+
+
+def gloo_worker(rank, world, port, nbytes, conn, timeout_s):
+    quiet_threads()
+    try:
+        import datetime
+        import torch
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        base = torch.full((nbytes // 4,), float(rank + 1), dtype=torch.float32)
+        buf = base.clone()
+
+        def op(refill=True):
+            buf.copy_(base)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            return world, float(buf[0]), float(buf[-1])
+
+        times = []
+        for _ in range(WARMUP_OPS):
+            t = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - t)
+        if rank == world - 1:
+            buf.copy_(base)
+            work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=True)
+            conn.send(("launched", rank, time.monotonic(), statistics.median(times[1:])))
+            work.wait()
+            time.sleep(READY_TIMEOUT_S)
+            return
+        _survive(conn, rank, world, op, can_retry=False)  # a failed gloo group is rebuilt, not retried
+        os._exit(0)  # and a broken one can hang in its teardown
+    except BaseException:  # noqa: BLE001
+        conn.send(("error", rank, traceback.format_exc()))
+
+
+def one_trial(library, in_place, mode, args):
+    """Start the peers, signal the victim mid-op, gather the survivors' reports; always kill them all."""
+    ctx = mp.get_context("spawn")
+    master = None
+    if library == "pccl":
+        import pccl
+        master = pccl.MasterNode("127.0.0.1:0", peer_timeout_s=args.timeout)
+        master.run()
+        port, target, extra = master.port, pccl_worker, (in_place,)
+    else:
+        port, target, extra = free_port(), gloo_worker, (args.timeout,)
+    pipes = [ctx.Pipe(duplex=False) for _ in range(args.world)]
+    procs = [ctx.Process(target=target, args=(r, args.world, port, args.size, pipes[r][1]) + extra, daemon=True)
+             for r in range(args.world)]
+    victim = procs[-1]
+    try:
+        for p in procs:
+            p.start()
+        msg = _receive(pipes[-1][0], READY_TIMEOUT_S, "the victim's launch")
+        _, _, t_launch, typical = msg
+        time.sleep(max(0.0, t_launch + SIGNAL_AT_FRACTION * typical - time.monotonic()))
+        t_signal = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
+        gone_s = None
+        if mode == "kill":
+            # The kernel frees a killed process's memory before it closes its files, sockets and the
+            # sentinel pipe alike: until then nobody can know. Seen from here, late by this process's
+            # own wake-up.
+            mp.connection.wait([victim.sentinel], timeout=READY_TIMEOUT_S)
+            gone_s = time.monotonic() - t_signal
+        reports = [_receive(pipes[r][0], args.timeout + REPORT_MARGIN_S, f"survivor {r}")
+                   for r in range(args.world - 1)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=5)
+        if master is not None:
+            master.interrupt()
+    expected = float(sum(range(1, args.world)))  # ranks hold 1 .. N; the victim's N is gone
+    out = []
+    for _, rank, t_fail, index, error, t_ok, world_after, first, last in reports:
+        out.append({"rank": rank, "fail_s": None if t_fail is None else t_fail - t_signal,
+                    "in_flight": index == WARMUP_OPS, "error": error,
+                    "retry_s": None if t_ok is None else t_ok - t_signal, "world_after": world_after,
+                    "retry_right": t_ok is not None and first == expected and last == expected})
+    return {"typical_op_s": typical, "gone_s": gone_s, "survivors": out}
+
+
+def _receive(conn, timeout_s, what):
+    if not conn.poll(timeout_s):
+        raise TimeoutError(f"no word from {what} within {timeout_s:.0f} s")
+    msg = conn.recv()
+    if msg[0] == "error":
+        raise RuntimeError(f"rank {msg[1]} failed:\n{msg[2]}")
+    return msg
+
+
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def spread(values, unit_scale, unit):
+    return (f"median {statistics.median(values) * unit_scale:.1f} {unit} (min {min(values) * unit_scale:.1f}, "
+            f"max {max(values) * unit_scale:.1f})")
+
+
+def report(label, mode, trials, world) -> bool:
+    """Print one variant's figures; False if a retry gave up or returned a wrong sum."""
+    survivors = [s for t in trials for s in t["survivors"]]
+    if not survivors:
+        print(f"  {label}: no trial finished")
+        return False
+    scale, unit = (1e3, "ms") if mode == "kill" else (1.0, "s")
+    raised = [s for s in survivors if s["fail_s"] is not None]
+    late = sum(not s["in_flight"] for s in raised)
+    typical = statistics.median(t["typical_op_s"] for t in trials) * 1e3
+    figure = f"raised after {spread([s['fail_s'] for s in raised], scale, unit)}" if raised else "never raised"
+    print(f"  {label}: the survivors' call {figure} ({len(raised)} of {plural(len(survivors), 'call')} in "
+          f"{plural(len(trials), 'trial')}; typical op {typical:.0f} ms"
+          + (f"; {late} failed in the op after the one in flight)" if late else ")"))
+    if len(raised) < len(survivors):
+        print(f"        {len(survivors) - len(raised)} did not fail: the victim was out before their op was "
+              f"confirmed, so it ran on the smaller ring")
+    gone = [t["gone_s"] for t in trials if t["gone_s"] is not None]
+    if gone:
+        print(f"        the victim's sockets closed (its process gone) after {spread(gone, scale, unit)}")
+    retried = [s for s in survivors if s["retry_s"] is not None]
+    if label.startswith("pccl"):
+        wrong = [s for s in retried if not s["retry_right"] or s["world_after"] != world - 1]
+        figure = spread([s["retry_s"] for s in retried], scale, unit) if retried else "never"
+        print(f"        the smaller ring's sum arrived after {figure}; "
+              f"{len(survivors) - len(retried)} gave up, {len(wrong)} wrong")
+        if wrong or len(retried) < len(survivors):
+            return False
+    if raised:
+        print(f"        first error: {raised[0]['error'][:160]}")
+    return True
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=int, default=3, help="peers per trial, victim included (default %(default)s)")
+    parser.add_argument("--size", type=parse_size, default=parse_size("64MiB"),
+                        help="bytes of float32 per all-reduce (default 64MiB)")
+    parser.add_argument("--trials", type=int, default=5, help="trials per variant and mode (default %(default)s)")
+    parser.add_argument("--placement", nargs="+", choices=("in", "out"), default=["in", "out"],
+                        help="pccl in place (the failed op restores the input) and/or out of place; gloo: in place")
+    parser.add_argument("--modes", nargs="+", choices=("kill", "stop"), default=["kill", "stop"])
+    parser.add_argument("--timeout", type=float, default=2.0,
+                        help="pccl's peer timeout and gloo's group timeout, seconds (default %(default)s)")
+    parser.add_argument("--no-gloo", dest="gloo", action="store_false", help="pccl only")
+    args = parser.parse_args(argv)
+    # The master runs in this process; its warnings about the peers it drops are what a trial does.
+    os.environ.setdefault("PCCL_LOG_LEVEL", "ERR")
+    if args.world < 2:
+        parser.error("--world must be at least 2 (one victim, one survivor)")
+    variants = [(f"pccl {'in place' if p == 'in' else 'out of place'}", "pccl", p == "in") for p in args.placement]
+    if args.gloo:
+        try:
+            import torch.distributed  # noqa: F401
+            variants.append(("gloo", "gloo", True))
+        except ImportError:
+            print("torch is not installed: pccl only")
+    failed = False
+    for mode in args.modes:
+        print(f"== {'SIGKILL' if mode == 'kill' else 'SIGSTOP'} mid-op: {args.world} peers, {human(args.size)}, "
+              f"{plural(args.trials, 'trial')}" + (f", timeout {args.timeout:g} s" if mode == "stop" else "") + " ==",
+              flush=True)
+        for label, library, in_place in variants:
+            trials = []
+            for _ in range(args.trials):  # one trial at a time: never two sets of peers at once
+                try:
+                    trials.append(one_trial(library, in_place, mode, args))
+                except Exception as exc:  # noqa: BLE001 - keep the other trials
+                    print(f"  {label}: a trial failed: {exc}")
+                    failed = True
+            failed |= not report(label, mode, trials, args.world)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
