@@ -38,22 +38,24 @@ from allreduce import free_port, human, parse_size, quiet_threads
 WARMUP_OPS = 5
 SIGNAL_AT_FRACTION = 0.5
 # Bounds on every wait: a trial whose processes do not answer is reported and dropped.
-READY_TIMEOUT_S = 120.0
-REPORT_MARGIN_S = 60.0      # beyond --timeout, for the survivors' failure and retry
+READY_TIMEOUT_S = 120.0     # start-up, warm-up and the victim's launch; the sentinel after a kill
+REPORT_MARGIN_S = 60.0      # beyond --timeout: how long survivors try to see the smaller ring
+PARENT_MARGIN_S = 15.0      # beyond that: how long the parent waits for their word
 RETRY_ATTEMPTS = 50         # failed calls a survivor makes before it gives up
 
 
-def _survive(conn, rank, world, op, can_retry):
+def _survive(conn, rank, world, op, result_right, can_retry, patience_s):
     """Call `op` until it has run on a ring smaller than `world` (the victim is out), retrying failed
     calls without refilling the input: a failed op must have left it as it was. Report when the first
     call raised (if one did: a peer that dies between two ops may be taken out before the next one is
-    confirmed, which then simply runs on the smaller ring) and when the smaller ring's result came."""
+    confirmed, which then simply runs on the smaller ring), when the smaller ring's result came, and
+    whether all of it is right (checked after the clock is read)."""
     index, t_fail, failed_at, error, refill = WARMUP_OPS, None, None, "", True
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    deadline = time.monotonic() + patience_s
     for _ in range(RETRY_ATTEMPTS):
         while time.monotonic() < deadline:
             try:
-                ring, first, last = op(refill)
+                ring = op(refill)
             except Exception as exc:  # noqa: BLE001 - each library raises its own type
                 if t_fail is None:
                     t_fail, failed_at, error = time.monotonic(), index, f"{type(exc).__name__}: {exc}"[:200]
@@ -61,14 +63,15 @@ def _survive(conn, rank, world, op, can_retry):
                 break
             index, refill = index + 1, True
             if ring < world:
-                conn.send(("done", rank, t_fail, failed_at, error, time.monotonic(), ring, first, last))
+                t_ok = time.monotonic()
+                conn.send(("done", rank, t_fail, failed_at, error, t_ok, ring, result_right()))
                 return
         if not can_retry or time.monotonic() >= deadline:
             break
-    conn.send(("done", rank, t_fail, failed_at, error, None, 0, 0.0, 0.0))
+    conn.send(("done", rank, t_fail, failed_at, error, None, 0, False))
 
 
-def pccl_worker(rank, world, port, nbytes, conn, in_place):
+def pccl_worker(rank, world, port, nbytes, conn, patience_s, in_place):
     quiet_threads()
     try:
         import numpy as np
@@ -83,8 +86,7 @@ def pccl_worker(rank, world, port, nbytes, conn, in_place):
         def op(refill=True):
             if refill:
                 np.copyto(buf, base)
-            info = comm.all_reduce(buf, recv, op=pccl.ReduceOp.SUM)
-            return info.local_world_size, float(recv[0]), float(recv[-1])
+            return comm.all_reduce(buf, recv, op=pccl.ReduceOp.SUM).local_world_size
 
         times = []
         for _ in range(WARMUP_OPS):
@@ -98,13 +100,15 @@ def pccl_worker(rank, world, port, nbytes, conn, in_place):
             handle.wait()  # the parent signals this process meanwhile
             time.sleep(READY_TIMEOUT_S)
             return
-        _survive(conn, rank, world, op, can_retry=True)
+        # Ranks hold 1 .. N; the victim's N is gone. Every element, so a piece restored wrong shows.
+        expected = float(sum(range(1, world)))
+        _survive(conn, rank, world, op, lambda: bool(np.all(recv == expected)), can_retry=True, patience_s=patience_s)
         comm.close()
     except BaseException:  # noqa: BLE001 - everything goes to the parent
         conn.send(("error", rank, traceback.format_exc()))
 
 
-def gloo_worker(rank, world, port, nbytes, conn, timeout_s):
+def gloo_worker(rank, world, port, nbytes, conn, patience_s, timeout_s):
     quiet_threads()
     try:
         import datetime
@@ -118,7 +122,7 @@ def gloo_worker(rank, world, port, nbytes, conn, timeout_s):
         def op(refill=True):
             buf.copy_(base)
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            return world, float(buf[0]), float(buf[-1])
+            return world
 
         times = []
         for _ in range(WARMUP_OPS):
@@ -132,7 +136,8 @@ def gloo_worker(rank, world, port, nbytes, conn, timeout_s):
             work.wait()
             time.sleep(READY_TIMEOUT_S)
             return
-        _survive(conn, rank, world, op, can_retry=False)  # a failed gloo group is rebuilt, not retried
+        # A failed gloo group is rebuilt by every process, not retried: there is no smaller ring.
+        _survive(conn, rank, world, op, lambda: False, can_retry=False, patience_s=patience_s)
         os._exit(0)  # and a broken one can hang in its teardown
     except BaseException:  # noqa: BLE001
         conn.send(("error", rank, traceback.format_exc()))
@@ -141,14 +146,15 @@ def gloo_worker(rank, world, port, nbytes, conn, timeout_s):
 def one_trial(library, in_place, mode, args):
     """Start the peers, signal the victim mid-op, gather the survivors' reports; always kill them all."""
     ctx = mp.get_context("spawn")
+    patience_s = args.timeout + REPORT_MARGIN_S
     master = None
     if library == "pccl":
         import pccl
         master = pccl.MasterNode("127.0.0.1:0", peer_timeout_s=args.timeout)
         master.run()
-        port, target, extra = master.port, pccl_worker, (in_place,)
+        port, target, extra = master.port, pccl_worker, (patience_s, in_place)
     else:
-        port, target, extra = free_port(), gloo_worker, (args.timeout,)
+        port, target, extra = free_port(), gloo_worker, (patience_s, args.timeout)
     pipes = [ctx.Pipe(duplex=False) for _ in range(args.world)]
     procs = [ctx.Process(target=target, args=(r, args.world, port, args.size, pipes[r][1]) + extra, daemon=True)
              for r in range(args.world)]
@@ -162,28 +168,35 @@ def one_trial(library, in_place, mode, args):
         t_signal = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
         gone_s = None
-        if mode == "kill":
+        if mode == "kill" and mp.connection.wait([victim.sentinel], timeout=READY_TIMEOUT_S):
             # The kernel frees a killed process's memory before it closes its files, sockets and the
             # sentinel pipe alike: until then nobody can know. Seen from here, late by this process's
             # own wake-up.
-            mp.connection.wait([victim.sentinel], timeout=READY_TIMEOUT_S)
             gone_s = time.monotonic() - t_signal
-        reports = [_receive(pipes[r][0], args.timeout + REPORT_MARGIN_S, f"survivor {r}")
+        # The survivors give up after `patience_s` from before the signal and say so: waiting a
+        # little longer here hears that rather than a silence.
+        reports = [_receive(pipes[r][0], patience_s + PARENT_MARGIN_S, f"survivor {r}")
                    for r in range(args.world - 1)]
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=5)
-        if master is not None:
-            master.interrupt()
-    expected = float(sum(range(1, args.world)))  # ranks hold 1 .. N; the victim's N is gone
+        try:
+            for p in procs:
+                if p.pid is None:
+                    continue  # never started
+                if p.is_alive():
+                    p.kill()  # SIGKILL ends a stopped process too
+                p.join(timeout=5)
+            for reader, writer in pipes:
+                reader.close()
+                writer.close()
+        finally:
+            if master is not None:
+                master.interrupt()
     out = []
-    for _, rank, t_fail, index, error, t_ok, world_after, first, last in reports:
+    for _, rank, t_fail, index, error, t_ok, world_after, right in reports:
         out.append({"rank": rank, "fail_s": None if t_fail is None else t_fail - t_signal,
                     "in_flight": index == WARMUP_OPS, "error": error,
                     "retry_s": None if t_ok is None else t_ok - t_signal, "world_after": world_after,
-                    "retry_right": t_ok is not None and first == expected and last == expected})
+                    "retry_right": right})
     return {"typical_op_s": typical, "gone_s": gone_s, "survivors": out}
 
 
@@ -240,7 +253,8 @@ def report(label, mode, trials, world) -> bool:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", type=int, default=3, help="peers per trial, victim included (default %(default)s)")
+    parser.add_argument("--world", type=int, default=3,
+                        help="peers per trial, victim included, at least 3 (default %(default)s)")
     parser.add_argument("--size", type=parse_size, default=parse_size("64MiB"),
                         help="bytes of float32 per all-reduce (default 64MiB)")
     parser.add_argument("--trials", type=int, default=5, help="trials per variant and mode (default %(default)s)")
@@ -253,8 +267,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     # The master runs in this process; its warnings about the peers it drops are what a trial does.
     os.environ.setdefault("PCCL_LOG_LEVEL", "ERR")
-    if args.world < 2:
-        parser.error("--world must be at least 2 (one victim, one survivor)")
+    if args.world < 3:
+        parser.error("--world must be at least 3: the survivors of one victim need a ring of 2 to go on")
     variants = [(f"pccl {'in place' if p == 'in' else 'out of place'}", "pccl", p == "in") for p in args.placement]
     if args.gloo:
         try:

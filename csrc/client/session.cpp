@@ -503,10 +503,18 @@ void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect, bool
     send_master(wire::OpEnd{h->request.tag, uid, 0, suspect, why.message, h->stats.tx_bytes, h->stats.rx_bytes,
                             static_cast<uint8_t>(silent && suspect != 0)});
     // This peer's part never finished, so the op cannot succeed here: whether the master fails it or
-    // undoes an early start, the input must be as it was. Restoring it now (up to a copy of the
-    // tensor) overlaps the master's round trip instead of following it. A peer whose part was done
-    // (LOCAL_DONE) keeps its result: the master may have counted it a success everywhere already.
-    if (part_unfinished && !h->cancelled) restore_input(*h);
+    // undoes an early start, the input must be as it was. Restoring it (up to a copy of the tensor)
+    // while the master's verdict travels, rather than after it, takes that copy out of the time to
+    // the caller's error. Posted, so that when a pool dies under several ops every OP_END goes out
+    // before any copy. A peer whose part was done (LOCAL_DONE) keeps its result: the master may
+    // have counted it a success everywhere already.
+    if (part_unfinished && !h->cancelled) {
+        loop_.post([this, h, uid] {
+            // Not if the verdict came first (finish_op restored it) or an undone early start
+            // started over under a new uid (restore_input would undo the new run's progress).
+            if (h->uid == uid && h->phase == ReduceHandle::Phase::LOCAL_FAILED && !h->cancelled) restore_input(*h);
+        });
+    }
 }
 
 void Session::on_result(const wire::OpResult& r) {
