@@ -1,8 +1,8 @@
 """How fast a ring notices a lost peer: pccl vs torch.distributed gloo, on loopback.
 
-Per trial, N fresh peer processes all-reduce a float32 tensor in place, in a loop, until one of them
-(the last rank, the victim) is taken out in the middle of an operation, half a typical op after it
-launched it:
+Per trial, N fresh peer processes all-reduce a float32 tensor (pccl in place or out of place, gloo in
+place) in a loop, until one of them (the last rank, the victim) is taken out in the middle of an
+operation, half a typical op after it launched it:
 
 - kill: SIGKILL. The kernel closes its sockets, so the survivors can know at once.
 - stop: SIGSTOP. Its sockets stay open and silent, as with a hung process or a cut cable; only a
@@ -218,8 +218,9 @@ def spread(values, unit_scale, unit):
             f"max {max(values) * unit_scale:.1f})")
 
 
-def report(label, mode, trials, world) -> bool:
-    """Print one variant's figures; False if a retry gave up or returned a wrong sum."""
+def report(label, library, mode, trials, world) -> bool:
+    """Print one variant's figures; False if a pccl retry gave up or returned a wrong sum, or a gloo
+    call never raised."""
     survivors = [s for t in trials for s in t["survivors"]]
     if not survivors:
         print(f"  {label}: no trial finished")
@@ -232,14 +233,17 @@ def report(label, mode, trials, world) -> bool:
     print(f"  {label}: the survivors' call {figure} ({len(raised)} of {plural(len(survivors), 'call')} in "
           f"{plural(len(trials), 'trial')}; typical op {typical:.0f} ms"
           + (f"; {late} failed in the op after the one in flight)" if late else ")"))
-    if len(raised) < len(survivors):
+    if len(raised) < len(survivors) and library == "pccl":
         print(f"        {len(survivors) - len(raised)} did not fail: the victim was out before their op was "
               f"confirmed, so it ran on the smaller ring")
+    elif len(raised) < len(survivors):
+        print(f"        {len(survivors) - len(raised)} never raised within {REPORT_MARGIN_S:g} s beyond the timeout")
+        return False
     gone = [t["gone_s"] for t in trials if t["gone_s"] is not None]
     if gone:
         print(f"        the victim's sockets closed (its process gone) after {spread(gone, scale, unit)}")
     retried = [s for s in survivors if s["retry_s"] is not None]
-    if label.startswith("pccl"):
+    if library == "pccl":
         wrong = [s for s in retried if not s["retry_right"] or s["world_after"] != world - 1]
         figure = spread([s["retry_s"] for s in retried], scale, unit) if retried else "never"
         print(f"        the smaller ring's sum arrived after {figure}; "
@@ -289,7 +293,7 @@ def main(argv=None):
                 except Exception as exc:  # noqa: BLE001 - keep the other trials
                     print(f"  {label}: a trial failed: {exc}")
                     failed = True
-            failed |= not report(label, mode, trials, args.world)
+            failed |= not report(label, library, mode, trials, args.world)
     return 1 if failed else 0
 
 
