@@ -508,7 +508,7 @@ void Session::on_op_failed(uint64_t uid, const Status& why, PeerId suspect, bool
     // the caller's error. Posted, so that when a pool dies under several ops every OP_END goes out
     // before any copy. A peer whose part was done (LOCAL_DONE) keeps its result: the master may
     // have counted it a success everywhere already.
-    if (part_unfinished && !h->cancelled) {
+    if (part_unfinished && h->in_place && !h->cancelled) {
         loop_.post([this, h, uid] {
             // Not if the verdict came first (finish_op restored it) or an undone early start
             // started over under a new uid (restore_input would undo the new run's progress).
