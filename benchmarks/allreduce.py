@@ -147,14 +147,21 @@ def pccl_worker(rank, world, port, sizes, pool, reps, q):
         q.put(("error", rank, traceback.format_exc()))
 
 
+def init_gloo(rank, world, port, timeout_s):
+    """Join torch.distributed's gloo group of `world` ranks that meet at 127.0.0.1:port; returns
+    torch.distributed. `timeout_s` bounds the rendezvous and every collective."""
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return dist
+
+
 def gloo_worker(rank, world, port, sizes, pool, reps, q):
     quiet_threads()
     try:
-        import datetime
         import torch
-        import torch.distributed as dist
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
+        dist = init_gloo(rank, world, port, timeout_s=120)
 
         def make(count, rank, mode):
             t = torch.full((count,), float(rank + 1), dtype=torch.float32)

@@ -31,7 +31,7 @@ import time
 import traceback
 
 from _membership import wait_for_world
-from allreduce import free_port, human, parse_size, quiet_threads
+from allreduce import free_port, human, init_gloo, parse_size, quiet_threads
 
 # Ops timed before the victim's last one: the first sets the ring up; the median of the others is
 # the "typical op" half of which the victim is given before it is signalled.
@@ -42,6 +42,16 @@ READY_TIMEOUT_S = 120.0     # start-up, warm-up and the victim's launch; the sen
 REPORT_MARGIN_S = 60.0      # beyond --timeout: how long survivors try to see the smaller ring
 PARENT_MARGIN_S = 15.0      # beyond that: how long the parent waits for their word
 RETRY_ATTEMPTS = 50         # failed calls a survivor makes before it gives up
+
+
+def typical_op_s(op):
+    """Run the warm-up ops; the median time of all but the first (which sets the ring up)."""
+    times = []
+    for _ in range(WARMUP_OPS):
+        t = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
 
 
 def _survive(conn, rank, world, op, result_right, can_retry, patience_s):
@@ -88,15 +98,11 @@ def pccl_worker(rank, world, port, nbytes, conn, patience_s, in_place):
                 np.copyto(buf, base)
             return comm.all_reduce(buf, recv, op=pccl.ReduceOp.SUM).local_world_size
 
-        times = []
-        for _ in range(WARMUP_OPS):
-            t = time.perf_counter()
-            op()
-            times.append(time.perf_counter() - t)
+        typical = typical_op_s(op)
         if rank == world - 1:
             np.copyto(buf, base)
             handle = comm.all_reduce_async(buf, recv, op=pccl.ReduceOp.SUM)
-            conn.send(("launched", rank, time.monotonic(), statistics.median(times[1:])))
+            conn.send(("launched", rank, time.monotonic(), typical))
             handle.wait()  # the parent signals this process meanwhile
             time.sleep(READY_TIMEOUT_S)
             return
@@ -111,11 +117,8 @@ def pccl_worker(rank, world, port, nbytes, conn, patience_s, in_place):
 def gloo_worker(rank, world, port, nbytes, conn, patience_s, timeout_s):
     quiet_threads()
     try:
-        import datetime
         import torch
-        import torch.distributed as dist
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist = init_gloo(rank, world, port, timeout_s)
         base = torch.full((nbytes // 4,), float(rank + 1), dtype=torch.float32)
         buf = base.clone()
 
@@ -124,15 +127,11 @@ def gloo_worker(rank, world, port, nbytes, conn, patience_s, timeout_s):
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
             return world
 
-        times = []
-        for _ in range(WARMUP_OPS):
-            t = time.perf_counter()
-            op()
-            times.append(time.perf_counter() - t)
+        typical = typical_op_s(op)
         if rank == world - 1:
             buf.copy_(base)
             work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=True)
-            conn.send(("launched", rank, time.monotonic(), statistics.median(times[1:])))
+            conn.send(("launched", rank, time.monotonic(), typical))
             work.wait()
             time.sleep(READY_TIMEOUT_S)
             return

@@ -23,6 +23,24 @@ PEER_MAIN = TESTS / "peer_main.py"
 DEFAULT_WAIT_S = 60.0
 
 
+def run_script(script: Path, *args: str, timeout_s: float, cwd: Path) -> str:
+    """Run a Python script as a user would (its own process group, the suite's environment); fail
+    the test on a timeout (killing the whole group) or a non-zero exit; return its stdout."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(script), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{script.name} did not finish in {timeout_s:g} s\nstdout:\n{out[-3000:]}\n"
+                             f"stderr:\n{err[-3000:]}") from None
+    assert proc.returncode == 0, \
+        f"{script.name} exited with {proc.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+    return out
+
+
 class Proc:
     """A child process whose stdout JSON lines are collected by a reader thread."""
 

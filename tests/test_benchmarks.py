@@ -4,31 +4,17 @@ it measured."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from harness import run_script
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 180  # above the script's own bounds (start-up 120 s), so its message comes first
 
 
 def run_benchmark(script: str, *args: str) -> str:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{script} did not finish in {TIMEOUT_S} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
-    assert proc.returncode == 0, f"{script} exited with {proc.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
-    return out
+    return run_script(REPO / "benchmarks" / script, *args, timeout_s=TIMEOUT_S, cwd=REPO)
 
 
 def test_failure_benchmark_measures_a_kill_and_the_retry():

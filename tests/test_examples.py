@@ -7,13 +7,11 @@ as the rest of the suite gets it.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from harness import run_script
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -22,18 +20,7 @@ TIMEOUT_S = 120
 
 def run_example(script: str, *extra: str) -> str:
     """Run `examples/<script> --smoke`; fail on a timeout or a non-zero exit; return its stdout."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), "--smoke", *extra], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{script} did not finish in {TIMEOUT_S} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
-    assert proc.returncode == 0, \
-        f"{script} exited with {proc.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
-    return out
+    return run_script(EXAMPLES / script, "--smoke", *extra, timeout_s=TIMEOUT_S, cwd=REPO)
 
 
 def assert_check_passed(out: str, words: str) -> None:
