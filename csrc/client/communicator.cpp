@@ -140,7 +140,13 @@ ReduceOutcome Communicator::wait(ReduceHandle& handle, const InterruptCheck& int
             break;
         }
     }
-    if (!handle.outcome.done()) return {Status::error(Result::INTERNAL_ERROR, "cancellation did not complete"), {}};
+    // Reached only when interrupted: the caller raises KeyboardInterrupt and keeps the handle (and
+    // its buffers) until a later wait() sees the op over; the ring may still touch them until then.
+    if (!handle.outcome.done())
+        return {Status::error(Result::INTERNAL_ERROR,
+                              "the operation did not stop in time after the interrupt; it is still in flight: "
+                              "wait() on it again before freeing its buffers"),
+                {}};
     return handle.outcome.get();
 }
 

@@ -171,11 +171,10 @@ void Session::submit(const std::shared_ptr<ReduceHandle>& h) {
 
 void Session::cancel(ReduceHandle& handle) {
     auto acked = std::make_shared<Completion<bool>>();
-    ReduceHandle* target = &handle;
-    const bool posted = post([this, target, acked] {
-        auto it = ops_by_tag_.find(target->request.tag);
-        if (it != ops_by_tag_.end() && it->second.get() == target && !target->cancelled) {
-            auto h = it->second;
+    const bool posted = post([this, target = handle.weak_from_this(), acked] {
+        auto h = target.lock();
+        auto it = h ? ops_by_tag_.find(h->request.tag) : ops_by_tag_.end();
+        if (it != ops_by_tag_.end() && it->second == h && !h->cancelled) {
             h->cancelled = true;
             if (h->phase == ReduceHandle::Phase::RUNNING) {
                 h->stats = data_plane_.remove_op(h->uid);

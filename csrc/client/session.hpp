@@ -24,7 +24,9 @@
 
 namespace pccl::client {
 
-class ReduceHandle {
+// Shared between the caller (Python's handle) and the session's table of ops in flight; a task
+// posted for it holds a weak_ptr, so it never acts on a handle freed and replaced at the same address.
+class ReduceHandle : public std::enable_shared_from_this<ReduceHandle> {
 public:
     Completion<ReduceOutcome> outcome;
 
